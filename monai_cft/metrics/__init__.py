@@ -1,0 +1,1 @@
+"""monai-cft metrics."""
