@@ -1,0 +1,251 @@
+"""The monai-cft main job: every stage from synthetic data to the evaluation report, one command.
+
+``python -m monai_cft.pipeline`` runs, in order (each stage also runnable alone with ``--stages``):
+
+==========================  ==================================================================
+stage                       what it runs
+==========================  ==================================================================
+``generate``                ``python -m monai_cft.data.synthetic`` (3D phantom CCTA volumes)
+``prepare``                 ``python -m monai_cft.data.prepare`` (sCPR images + 9 variables)
+``segmentor_guidance``      bundle ``train_segmentor.json`` (UNet, seed 0): guides Seg-/Pos-Seg-CFT
+``segmentor_eval``          bundle ``train_segmentor.json`` (SegResNet, seed 1): evaluation only
+``regressor``               bundle ``train_regressor.json``: guides Reg-CFT
+``dscm``                    bundle ``train.json`` (run id ``training``): flows + HVAE
+``finetune_<mode>``         bundle ``finetune.json`` for mode in none, reg, seg, pos_seg
+``evaluate_<mode>``         bundle ``evaluate.json`` for each mode
+``report``                  ``outputs/report.md``: Table 1, figures, metrics and stage times
+==========================  ==================================================================
+
+A finished stage leaves ``<output_dir>/stages/<stage>.json`` (its command, wall time and
+exit status); re-running skips finished stages unless ``--force`` names them (or ``all``).
+Stages whose module is not installed yet are reported and skipped, never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Stage", "build_stages", "run_pipeline", "main"]
+
+CFT_MODES = ("none", "reg", "seg", "pos_seg")
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: a command line (run as a subprocess) or a Python callable."""
+
+    name: str
+    command: list[str] | None = None
+    func: Callable[[], None] | None = None
+    requires_module: str | None = None
+    description: str = ""
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _bundle_cmd(python: str, bundle_dir: Path, run_id: str, configs: Sequence[str], **overrides) -> list[str]:
+    files = [str(bundle_dir / "configs" / c) for c in configs]
+    cmd = [python, "-m", "monai.bundle", "run", run_id, "--config_file", repr(files)]
+    cmd += ["--meta_file", str(bundle_dir / "configs" / "metadata.json")]
+    cmd += ["--logging_file", str(bundle_dir / "configs" / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def build_stages(args: argparse.Namespace) -> list[Stage]:
+    """Build the ordered stage list for the parsed command-line arguments."""
+    py = sys.executable
+    out = Path(args.output_dir).resolve()
+    raw = Path(args.data_dir).resolve() / "raw"
+    scpr = Path(args.data_dir).resolve() / f"scpr_{args.preset}"
+    bundle = Path(args.bundle_dir).resolve()
+    ckpt = out / "models"
+    common = {"preset": args.preset, "dataset_dir": scpr, "ckpt_dir": ckpt, "output_dir": out}
+    if args.device:
+        common["device"] = f"$torch.device('{args.device}')"
+    epochs = json.loads(args.epochs) if args.epochs else {}
+
+    def ep(name: str) -> dict:
+        return {"train#trainer#max_epochs": epochs[name]} if name in epochs else {}
+
+    stages = [
+        Stage(
+            "generate",
+            [py, "-m", "monai_cft.data.synthetic", "--out", str(raw), "--num-cases", str(args.num_cases),
+             "--seed", str(args.seed), "--workers", str(args.workers)],
+            requires_module="monai_cft.data.synthetic",
+            description=f"{args.num_cases} synthetic 3D coronary CCTA phantoms",
+        ),
+        Stage(
+            "prepare",
+            [py, "-m", "monai_cft.data.prepare", "--data-dir", str(raw), "--out", str(scpr), "--preset", args.preset,
+             "--workers", str(args.workers)],
+            requires_module="monai_cft.data.prepare",
+            description=f"sCPR straightening ({args.preset} preset) and regional measurements",
+        ),
+        Stage(
+            "segmentor_guidance",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
+                        segmentor_role="guidance", **common, **ep("segmentor")),
+            requires_module="monai_cft.networks.predictors",
+            description="guidance segmentor (UNet)",
+        ),
+        Stage(
+            "segmentor_eval",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
+                        segmentor_role="eval", **common, **ep("segmentor")),
+            requires_module="monai_cft.networks.predictors",
+            description="evaluation segmentor (SegResNet, other seed)",
+        ),
+        Stage(
+            "regressor",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], **common, **ep("regressor")),
+            requires_module="monai_cft.networks.predictors",
+            description="parent regressor (ResNet)",
+        ),
+        Stage(
+            "dscm",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], **common, **ep("dscm")),
+            requires_module="monai_cft.engines.dscm_trainer",
+            description="deep SCM: attribute flows + hierarchical VAE",
+        ),
+    ]
+    for mode in CFT_MODES:
+        stages.append(
+            Stage(
+                f"finetune_{mode}",
+                _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], cft_mode=mode, **common,
+                            **ep("finetune")),
+                requires_module="monai_cft.engines.cft_trainer",
+                description=f"counterfactual fine-tuning, mode {mode}",
+            )
+        )
+    for mode in CFT_MODES:
+        stages.append(
+            Stage(
+                f"evaluate_{mode}",
+                _bundle_cmd(py, bundle, "evaluating", ["common.json", "evaluate.json"], cft_mode=mode, **common),
+                requires_module="monai_cft.evaluation",
+                description=f"evaluation of mode {mode}",
+            )
+        )
+    stages.append(Stage("report", func=lambda: _write_report(out, args), requires_module="monai_cft.report",
+                        description="outputs/report.md"))
+    return stages
+
+
+def _write_report(out: Path, args: argparse.Namespace) -> None:
+    from monai_cft.report import write_report
+
+    write_report(out, modes=CFT_MODES)
+
+
+def _module_available(name: str | None) -> bool:
+    if name is None:
+        return True
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _stage_marker(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.json"
+
+
+def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None, force: Sequence[str]) -> int:
+    """Run the selected stages in order; return the number of failed stages."""
+    names = [s.name for s in stages]
+    unknown = [s for s in (list(selected or []) + [f for f in force if f != "all"]) if s not in names]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid stages are {names}.")
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    failures = 0
+    t_all = time.time()
+    todo = [s for s in stages if not selected or s.name in selected]
+    for i, stage in enumerate(todo, 1):
+        marker = _stage_marker(out, stage.name)
+        head = f"[{i}/{len(todo)}] {stage.name}: {stage.description}"
+        if marker.exists() and "all" not in force and stage.name not in force:
+            done = json.loads(marker.read_text())
+            print(f"{head} -- done earlier in {done.get('seconds', 0):.1f} s, skipped (use --force {stage.name})", flush=True)
+            continue
+        if not _module_available(stage.requires_module):
+            print(f"{head} -- NOT AVAILABLE: module {stage.requires_module} is not installed; skipped", flush=True)
+            continue
+        print(head, flush=True)
+        if stage.command:
+            print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
+        t0 = time.time()
+        try:
+            if stage.command is not None:
+                rc = subprocess.call(stage.command, cwd=str(out))
+            else:
+                stage.func()
+                rc = 0
+        except Exception as exc:  # a failing stage is reported, later stages still get their chance
+            print(f"    stage {stage.name} raised {type(exc).__name__}: {exc}", flush=True)
+            rc = 1
+        seconds = time.time() - t0
+        if rc != 0:
+            failures += 1
+            print(f"    FAILED (exit {rc}) after {seconds:.1f} s", flush=True)
+            continue
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        os.replace(tmp, marker)
+        print(f"    done in {seconds:.1f} s", flush=True)
+    print(f"pipeline finished in {time.time() - t_all:.1f} s with {failures} failed stage(s); outputs in {out}")
+    return failures
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    root = _repo_root()
+    p = argparse.ArgumentParser(prog="python -m monai_cft.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="quick", choices=("quick", "paper"), help="sCPR and network size preset")
+    p.add_argument("--num-cases", type=int, default=600, help="number of synthetic cases to generate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="", help="torch device for the bundle stages (default: cuda if available, else cpu)")
+    p.add_argument("--data-dir", default=str(root / "data"), help="where raw/ and scpr_<preset>/ are written")
+    p.add_argument("--output-dir", default=str(root / "outputs"), help="models, logs, evaluation and report.md")
+    p.add_argument("--bundle-dir", default=str(root / "bundle"))
+    p.add_argument("--epochs", default="", help='JSON dict of max_epochs per stage kind, e.g. \'{"dscm": 5}\'')
+    p.add_argument("--stages", nargs="*", default=None, help="run only these stages (default: all)")
+    p.add_argument("--force", nargs="*", default=[], help="re-run these finished stages ('all' for every stage)")
+    p.add_argument("--list", action="store_true", help="list the stages and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.num_cases < 10:
+        raise SystemExit(f"--num-cases must be at least 10 (train/validation/test splits), got {args.num_cases}.")
+    stages = build_stages(args)
+    if args.list:
+        for s in stages:
+            print(f"{s.name:22s} {s.description}")
+        return 0
+    out = Path(args.output_dir).resolve()
+    failures = run_pipeline(stages, out, args.stages, args.force)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
