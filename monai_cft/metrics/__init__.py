@@ -1,1 +1,48 @@
-"""monai-cft metrics."""
+"""Counterfactual metrics of monai-cft: effectiveness, composition, reversibility, locality, realism.
+
+See ``docs/metrics.md`` for the definitions, units and evaluation protocol.
+"""
+
+from .composition import composition, image_l1, reversibility, to_pixel_range
+from .effectiveness import RegionalEffectivenessMetric, effectiveness_errors, mape, measure_with_segmentor
+from .interventions import (
+    Interventions,
+    counterfactual_per_sample,
+    counterfactual_targets,
+    run_counterfactual,
+    sample_interventions,
+)
+from .locality import locality
+from .realism import (
+    FeatureDistanceMetric,
+    FeatureExtractor,
+    extract_features,
+    frechet_distance,
+    gaussian_frechet_distance,
+    kernel_distance,
+)
+from .summary import summarize
+
+__all__ = [
+    "Interventions",
+    "sample_interventions",
+    "counterfactual_targets",
+    "run_counterfactual",
+    "counterfactual_per_sample",
+    "measure_with_segmentor",
+    "effectiveness_errors",
+    "mape",
+    "RegionalEffectivenessMetric",
+    "to_pixel_range",
+    "image_l1",
+    "composition",
+    "reversibility",
+    "locality",
+    "FeatureExtractor",
+    "extract_features",
+    "gaussian_frechet_distance",
+    "frechet_distance",
+    "kernel_distance",
+    "FeatureDistanceMetric",
+    "summarize",
+]

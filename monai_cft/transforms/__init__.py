@@ -1,5 +1,41 @@
 """MONAI transforms of monai-cft: sCPR straightening, region masks, structure measurements."""
 
-from .measures import measure_structures
+from .cpr import (
+    SCPR_ANGLE_KEY,
+    SCPR_CENTERLINE_KEY,
+    SCPR_GRID_KEY,
+    SCPR_LENGTH_KEY,
+    SCPR_SPACING_KEY,
+    SCPR_VALID_COLUMNS_KEY,
+    StraightenCPR,
+    StraightenCPRd,
+    centerline_length,
+    clean_centerline,
+    parallel_transport_frames,
+    resample_centerline,
+    scpr_to_world,
+)
+from .measures import StructureMeasures, StructureMeasuresd, measure_structures
+from .regions import REGION_NAMES_KEY, RegionMasks, RegionMasksd
 
-__all__ = ["measure_structures"]
+__all__ = [
+    "SCPR_ANGLE_KEY",
+    "SCPR_CENTERLINE_KEY",
+    "SCPR_GRID_KEY",
+    "SCPR_LENGTH_KEY",
+    "SCPR_SPACING_KEY",
+    "SCPR_VALID_COLUMNS_KEY",
+    "REGION_NAMES_KEY",
+    "StraightenCPR",
+    "StraightenCPRd",
+    "RegionMasks",
+    "RegionMasksd",
+    "StructureMeasures",
+    "StructureMeasuresd",
+    "centerline_length",
+    "clean_centerline",
+    "measure_structures",
+    "parallel_transport_frames",
+    "resample_centerline",
+    "scpr_to_world",
+]

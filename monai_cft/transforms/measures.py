@@ -8,9 +8,20 @@ and Pos-Seg-CFT (K regions, Eq. 2 of the positional paper), shared by the
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["measure_structures"]
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends
+
+from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
+
+__all__ = ["measure_structures", "StructureMeasures", "StructureMeasuresd"]
 
 
 def measure_structures(
@@ -66,3 +77,206 @@ def measure_structures(
     if size.ndim == 1:
         size = size.view(-1, 1, 1)
     return out * size
+
+
+def _resolve_structures(structures: Mapping[str, int] | Sequence[str]) -> dict[str, int]:
+    """Structure name -> label value (channel index); bare names are looked up in the defaults."""
+    if isinstance(structures, str):
+        structures = [structures]
+    if isinstance(structures, Mapping):
+        out = {}
+        for name, value in structures.items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"structure {name!r} needs a label value / channel index >= 0, got {value!r}.")
+            out[str(name)] = int(value)
+    else:
+        unknown = [n for n in structures if n not in DEFAULT_STRUCTURES]
+        if unknown:
+            raise ValueError(
+                f"unknown structure names {unknown}; known: {list(DEFAULT_STRUCTURES)} (or pass a mapping name -> label value)."
+            )
+        out = {str(n): DEFAULT_STRUCTURES[n] for n in structures}
+    if not out:
+        raise ValueError("at least one structure is needed.")
+    return out
+
+
+def _element_size(img: Any, spatial_dims: int) -> float | None:
+    """Pixel area / voxel volume (mm^2 / mm^3) from a MetaTensor's affine, or None."""
+    if not isinstance(img, MetaTensor) or img.affine.ndim != 2 or img.affine.shape[-1] < spatial_dims + 1:
+        return None
+    return float(np.prod(np.asarray(affine_to_spacing(img.affine, r=spatial_dims), dtype=np.float64)))
+
+
+class StructureMeasures(Transform):
+    """Measure each structure inside each region: areas (mm^2, 2D) or volumes (mm^3, 3D).
+
+    The label is either an integer label map (1, *spatial) (float dtype with integer values is fine,
+    as ``LoadImage`` returns it) or channel-wise probabilities / one-hot maps (C, *spatial) with
+    ``C > 1``, where a structure's label value is its channel index. Measurements are
+    ``size * sum_p P[s, p] * R[k, p]`` (:func:`measure_structures`), differentiable in soft inputs.
+
+    Args:
+        structures: mapping structure name -> label value / channel, or a sequence of names among
+            ``{"lumen": 1, "calcified": 2, "noncalcified": 3}``.
+        region_names: names of the K region masks (their order along the masks' first axis);
+            ``None`` measures each structure over the whole image (variables named after the
+            structures alone).
+        element_size: pixel area / voxel volume in mm^2 / mm^3; ``None`` takes it from the label's
+            (else the regions') ``MetaTensor`` affine.
+
+    Call ``(label, regions=None) -> dict[name -> float]`` with names ``f"{structure}_{region}"``;
+    :meth:`measure` returns the same (V,) tensor in the structure-major order of
+    :func:`monai_cft.variables.variable_names`, :meth:`measure_batch` a (B, V) tensor for losses.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        structures: Mapping[str, int] | Sequence[str] = DEFAULT_STRUCTURES,
+        region_names: Sequence[str] | None = DEFAULT_REGIONS,
+        element_size: float | None = None,
+    ) -> None:
+        self.structures = _resolve_structures(structures)
+        self.region_names = tuple(region_names) if region_names else None
+        self.names = variable_names(self.structures, self.region_names)
+        if element_size is not None and not float(element_size) > 0:
+            raise ValueError(f"element_size must be > 0 (mm^2 or mm^3), got {element_size!r}.")
+        self.element_size = None if element_size is None else float(element_size)
+
+    def _probs(self, label: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(B, C, *sp) label -> structure maps and their channel indices."""
+        values = list(self.structures.values())
+        if label.shape[1] == 1:
+            lab = label[:, 0]
+            if lab.is_floating_point() and (not torch.isfinite(lab).all() or not torch.equal(lab, torch.round(lab))):
+                raise ValueError(
+                    "a one-channel label must be an integer label map; for soft probabilities give one channel "
+                    "per label value (C > 1)."
+                )
+            vals = torch.tensor(values, device=lab.device).view(1, -1, *([1] * (lab.ndim - 1)))
+            return (lab.unsqueeze(1) == vals).to(torch.float64), list(range(len(values)))
+        bad = {n: v for n, v in self.structures.items() if v >= label.shape[1]}
+        if bad:
+            raise ValueError(f"structures {bad} need channels beyond the {label.shape[1]} channels of the label.")
+        probs = label if label.is_floating_point() else label.to(torch.float64)
+        return probs, values
+
+    def _regions(self, regions: Any, spatial: tuple[int, ...]) -> torch.Tensor | None:
+        if self.region_names is None:
+            if regions is not None:
+                raise ValueError("regions were given but region_names is None; set region_names to measure per region.")
+            return None
+        if regions is None:
+            raise ValueError(f"region masks are needed for the regions {list(self.region_names)}.")
+        if not isinstance(regions, torch.Tensor):
+            regions = torch.as_tensor(np.asarray(regions))
+        if isinstance(regions, MetaTensor):
+            recorded = regions.meta.get("region_names")
+            if isinstance(recorded, (list, tuple)) and all(isinstance(n, str) for n in recorded):
+                if tuple(recorded) != self.region_names:
+                    raise ValueError(f"the masks are of regions {list(recorded)}, expected {list(self.region_names)}.")
+            regions = regions.as_tensor()
+        if regions.shape[-len(spatial) - 1] != len(self.region_names):
+            raise ValueError(
+                f"{len(self.region_names)} region names {list(self.region_names)} but the masks have shape "
+                f"{tuple(regions.shape)}."
+            )
+        return regions
+
+    def measure_batch(
+        self, label: torch.Tensor, regions: Any = None, element_size: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Batched, differentiable measurement for losses.
+
+        Args:
+            label: (B, C, *spatial) probabilities / one-hot (C > 1) or integer label maps (B, 1, *spatial).
+            regions: (K, *spatial) or (B, K, *spatial) masks, or ``None`` without regions.
+            element_size: scalar or (B,) pixel size in mm^2 / mm^3; default: the constructor's, else 1.
+
+        Returns:
+            (B, V) measurements, structure-major (``self.names``); dtype of soft inputs kept
+            (float64 for label maps).
+        """
+        if not isinstance(label, torch.Tensor) or label.ndim < 3:
+            raise ValueError(f"label must be a (B, C, *spatial) tensor, got {getattr(label, 'shape', type(label))}.")
+        raw = label.as_tensor() if isinstance(label, MetaTensor) else label
+        probs, channels = self._probs(raw)
+        masks = self._regions(regions, tuple(raw.shape[2:]))
+        size = self.element_size if element_size is None else element_size
+        out = measure_structures(probs, masks, channels, 1.0 if size is None else size)
+        return out.flatten(1)
+
+    def measure(self, label: Any, regions: Any = None) -> torch.Tensor:
+        """(V,) measurements of one (C, *spatial) label (see class docstring), structure-major."""
+        if not isinstance(label, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"label must be a tensor (C, *spatial), got {type(label).__name__}.")
+        lab = label if isinstance(label, torch.Tensor) else torch.as_tensor(label)
+        if lab.ndim < 2:
+            raise ValueError(f"label must be channel-first (C, *spatial), got shape {tuple(lab.shape)}.")
+        nd = lab.ndim - 1
+        size = self.element_size
+        if size is None:
+            size = _element_size(label, nd) or _element_size(regions, nd)
+        if size is None:
+            raise TypeError(
+                "the pixel size is unknown: pass a MetaTensor label (or regions) with an affine, or element_size=."
+            )
+        if isinstance(regions, torch.Tensor) and regions.ndim != nd + 1:
+            raise ValueError(f"regions must be (K, *spatial) for a label of shape {tuple(lab.shape)}, got {tuple(regions.shape)}.")
+        raw = lab.as_tensor() if isinstance(lab, MetaTensor) else lab
+        return self.measure_batch(raw.unsqueeze(0), regions, size)[0]
+
+    def __call__(self, label: Any, regions: Any = None) -> dict[str, float]:
+        values = self.measure(label, regions).detach().to(torch.float64).cpu().tolist()
+        return dict(zip(self.names, values))
+
+
+class StructureMeasuresd(MapTransform):
+    """Dictionary version of :class:`StructureMeasures`.
+
+    Stores the (V,) float32 tensor (structure-major) in ``d[output_key]`` and each variable as a
+    float in ``d[name]`` (for example ``d["calcified_mid"]``).
+
+    Args:
+        keys: the one label key.
+        region_key: key of the (K, *spatial) region masks (ignored when ``region_names`` is None).
+        output_key: key of the variables tensor.
+        structures, region_names, element_size: as in :class:`StructureMeasures`.
+        allow_missing_keys: skip the transform when the label is absent.
+    """
+
+    backend = StructureMeasures.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        region_key: Hashable = "regions",
+        output_key: Hashable = "variables",
+        structures: Mapping[str, int] | Sequence[str] = DEFAULT_STRUCTURES,
+        region_names: Sequence[str] | None = DEFAULT_REGIONS,
+        element_size: float | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"StructureMeasuresd measures one label key, got {list(self.keys)}.")
+        self.region_key, self.output_key = region_key, output_key
+        self.measures = StructureMeasures(structures, region_names, element_size)
+        clash = set(self.measures.names) & {*self.keys, region_key, output_key}
+        if clash:
+            raise ValueError(f"variable names {sorted(map(str, clash))} clash with the transform's keys.")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            regions = None
+            if self.measures.region_names is not None:
+                if self.region_key not in d:
+                    raise KeyError(f"region key {self.region_key!r} not found; available keys: {list(d)}.")
+                regions = d[self.region_key]
+            values = self.measures.measure(d[key], regions).detach().to(torch.float32)
+            d[self.output_key] = values
+            d.update(zip(self.measures.names, (float(v) for v in values.tolist())))
+        return d

@@ -1,0 +1,222 @@
+"""Sampling interventions and running them through a deep SCM, one variable per sample.
+
+The evaluation protocol of the positional paper (and of Monteiro et al. 2023) intervenes on one
+variable per image: the variable is drawn uniformly from the model's variables and its target
+value uniformly from the variable's observed range ``[min, max]`` (training split). This module
+draws such interventions reproducibly (:func:`sample_interventions`), builds the counterfactual
+target parents of an independent causal graph (:func:`counterfactual_targets`) and runs a batch
+whose samples have different intervened variables through any model exposing the
+``DeepSCM.counterfactual`` API (:func:`counterfactual_per_sample`).
+
+The SCM API relied upon (``docs/design.md``)::
+
+    scm.counterfactual(x, parents, intervention: dict[name -> float | Tensor], **kwargs)
+        -> dict(x_cf=..., parents_cf=..., [uncertainty=...])
+
+with ``parents`` (B, V) in physical units and a tensor intervention value of shape (B,) giving one
+target per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from monai.networks.utils import eval_mode
+
+from monai_cft.metrics._utils import check_positive_int
+from monai_cft.transforms.parents import range_bounds
+
+__all__ = [
+    "Interventions",
+    "sample_interventions",
+    "counterfactual_targets",
+    "run_counterfactual",
+    "counterfactual_per_sample",
+]
+
+
+class Interventions(NamedTuple):
+    """One single-variable intervention ``do(variables[index[i]] := values[i])`` per sample.
+
+    Attributes:
+        index: (N,) int64 column of the intervened variable in the structure-major parents.
+        values: (N,) target values in physical units (mm^2 in 2D, mm^3 in 3D).
+        variables: the V variable names, in the column order of the parents.
+    """
+
+    index: torch.Tensor
+    values: torch.Tensor
+    variables: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The intervened variable's name for every sample (length N)."""
+        return [self.variables[i] for i in self.index.tolist()]
+
+    def to_dicts(self) -> list[dict[str, float]]:
+        """One ``{name: value}`` intervention dictionary per sample, as ``DeepSCM.counterfactual`` takes."""
+        return [{n: float(v)} for n, v in zip(self.names, self.values.tolist())]
+
+    def select(self, samples: torch.Tensor | slice) -> Interventions:
+        """The interventions of some samples (a slice, boolean mask or index tensor)."""
+        return Interventions(self.index[samples], self.values[samples], self.variables)
+
+
+def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}.")
+
+
+def sample_interventions(
+    num: int,
+    variables: Sequence[str],
+    ranges: Mapping[str, Sequence[float]],
+    generator: torch.Generator | int | None = None,
+) -> Interventions:
+    """Draw ``num`` single-variable interventions following the evaluation protocol.
+
+    The intervened variable is uniform over ``variables``; its target is uniform in the variable's
+    observed ``[min, max]`` (``prepare_config.json["ranges"]``, training split).
+
+    Args:
+        num: number of interventions N (one per evaluated image).
+        variables: the V variable names, in the column order of the parents.
+        ranges: ``{name: (min, max)}`` in physical units for every name in ``variables``, finite with
+            min < max (validated by ``monai_cft.transforms.parents.range_bounds``).
+        generator: a CPU ``torch.Generator``, an int seed, or ``None`` for torch's global RNG.
+            The same seed gives the same interventions on every machine.
+
+    Returns:
+        :class:`Interventions` with (N,) ``index`` and (N,) ``values`` (default float dtype).
+    """
+    check_positive_int(num, "num", minimum=0)
+    variables = tuple(variables)
+    lo, hi = (torch.from_numpy(b) for b in range_bounds(ranges, variables))
+    gen = _as_generator(generator)
+    index = torch.randint(len(variables), (num,), generator=gen)
+    u = torch.rand(num, generator=gen, dtype=torch.float64)
+    values = (lo[index] + (hi - lo)[index] * u).to(torch.get_default_dtype())
+    return Interventions(index, values, variables)
+
+
+def counterfactual_targets(parents: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Counterfactual parents of an *independent* graph: the factual parents with one column replaced.
+
+    For a graph in which the intervened variable has children, use the ``parents_cf`` returned by
+    ``DeepSCM.counterfactual`` instead (children are recomputed from their abducted noise there).
+
+    Args:
+        parents: (B, V) factual parents, physical units.
+        index: (B,) column intervened in each row.
+        values: (B,) target values, physical units.
+
+    Returns:
+        (B, V) tensor, a copy of ``parents`` with ``out[b, index[b]] = values[b]``.
+    """
+    if parents.ndim != 2:
+        raise ValueError(f"parents must be (B, V), got shape {tuple(parents.shape)}.")
+    b, v = parents.shape
+    index = torch.as_tensor(index, device=parents.device).long()
+    values = torch.as_tensor(values, device=parents.device, dtype=parents.dtype)
+    if index.shape != (b,) or values.shape != (b,):
+        raise ValueError(
+            f"index and values must be (B,) = ({b},), got {tuple(index.shape)} and {tuple(values.shape)}."
+        )
+    if b and (int(index.min()) < 0 or int(index.max()) >= v):
+        raise ValueError(f"intervened columns must lie in [0, {v}), got {sorted(set(index.tolist()))}.")
+    out = parents.clone()
+    out[torch.arange(b, device=parents.device), index] = values
+    return out
+
+
+def run_counterfactual(
+    scm: Any, x: torch.Tensor, parents: torch.Tensor, intervention: Mapping[str, Any], **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Call ``scm.counterfactual`` without gradients, in eval mode, and check its output.
+
+    Args:
+        scm: any object with ``counterfactual(x, parents, intervention, **kwargs) -> dict`` (an
+            ``nn.Module`` is put in eval mode for the call and restored afterwards).
+        x: (B, C, *spatial) images, the network's intensity range.
+        parents: (B, V) factual parents, physical units.
+        intervention: ``{name: float | (B,) Tensor}`` in physical units.
+        kwargs: passed on (e.g. ``num_particles``, ``noise_temperature``).
+
+    Returns:
+        the SCM's output dict; ``x_cf`` has the shape of ``x`` and ``parents_cf`` that of ``parents``.
+    """
+    if not callable(getattr(scm, "counterfactual", None)):
+        raise TypeError(f"scm must expose counterfactual(x, parents, intervention, ...), got {type(scm).__name__}.")
+    with eval_mode(scm):
+        out = scm.counterfactual(x, parents, dict(intervention), **kwargs)
+    if not isinstance(out, Mapping) or "x_cf" not in out or "parents_cf" not in out:
+        keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(f"scm.counterfactual must return a dict with 'x_cf' and 'parents_cf', got {keys}.")
+    if tuple(out["x_cf"].shape) != tuple(x.shape):
+        raise ValueError(f"scm returned x_cf of shape {tuple(out['x_cf'].shape)} for x of shape {tuple(x.shape)}.")
+    if tuple(out["parents_cf"].shape) != tuple(parents.shape):
+        raise ValueError(
+            f"scm returned parents_cf of shape {tuple(out['parents_cf'].shape)} for parents of shape "
+            f"{tuple(parents.shape)}."
+        )
+    return dict(out)
+
+
+def counterfactual_per_sample(
+    scm: Any, x: torch.Tensor, parents: torch.Tensor, interventions: Interventions, **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Counterfactuals of a batch in which every sample has its own intervened variable.
+
+    Samples are grouped by intervened variable and each group goes through one
+    ``scm.counterfactual`` call with a (b,) tensor of targets; the outputs are put back in batch
+    order. Every tensor output whose first dimension is the group size (``x_cf``, ``parents_cf``,
+    ``uncertainty``, ...) is reassembled.
+
+    Args:
+        scm: see :func:`run_counterfactual`.
+        x: (B, C, *spatial) images.
+        parents: (B, V) factual parents, physical units, columns in ``interventions.variables`` order.
+        interventions: (B,) interventions, e.g. from :func:`sample_interventions`.
+        kwargs: passed to ``scm.counterfactual``.
+
+    Returns:
+        dict with at least ``x_cf`` (B, C, *spatial) and ``parents_cf`` (B, V).
+    """
+    b = x.shape[0]
+    if parents.ndim != 2 or parents.shape[0] != b:
+        raise ValueError(f"parents must be (B, V) with B = {b}, got shape {tuple(parents.shape)}.")
+    if parents.shape[1] != len(interventions.variables):
+        raise ValueError(
+            f"parents have {parents.shape[1]} columns but the interventions name {len(interventions.variables)} "
+            f"variables {list(interventions.variables)}."
+        )
+    if interventions.index.shape != (b,) or interventions.values.shape != (b,):
+        raise ValueError(
+            f"need one intervention per sample (B = {b}), got index {tuple(interventions.index.shape)} and "
+            f"values {tuple(interventions.values.shape)}."
+        )
+    if b == 0:
+        raise ValueError("counterfactual_per_sample needs a non-empty batch, got B = 0.")
+    index = interventions.index.to(x.device)
+    values = interventions.values.to(device=parents.device, dtype=parents.dtype)
+    merged: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    groups = torch.unique(index).tolist()
+    for j in groups:
+        sel = (index == j).nonzero(as_tuple=True)[0]
+        name = interventions.variables[j]
+        out = run_counterfactual(scm, x[sel], parents[sel], {name: values[sel.to(values.device)]}, **kwargs)
+        for key, val in out.items():
+            if not (isinstance(val, torch.Tensor) and val.ndim > 0 and val.shape[0] == sel.numel()):
+                continue
+            if key not in merged:
+                merged[key] = val.new_empty((b, *val.shape[1:]))
+            merged[key][sel.to(val.device)] = val
+            counts[key] = counts.get(key, 0) + 1
+    # keep only outputs that every group returned (a partially filled tensor would hold garbage)
+    return {k: v for k, v in merged.items() if counts[k] == len(groups)}

@@ -1,0 +1,304 @@
+"""Realism of counterfactual images: distances between feature distributions of real and generated images.
+
+No network is downloaded: features come from any ``feature_fn(images) -> (N, F)``, typically a
+:class:`FeatureExtractor` hooked on the project's own, locally trained evaluation segmentor (its
+deepest encoder block, globally average-pooled) or on the parent regressor's penultimate layer.
+
+Two distances are provided:
+
+* :func:`frechet_distance` (the FID formula on these features): the Fréchet (2-Wasserstein)
+  distance between Gaussians fitted to both feature sets,
+  ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``. The matrix square root is
+  computed in float64 with symmetric eigendecompositions (torch only, no scipy; exact for
+  singular covariances, which occur whenever N <= F). It is biased for finite N (its expectation is
+  > 0 even for two samples of one distribution, decreasing roughly like 1/N), so only compare
+  values computed with the same N.
+* :func:`kernel_distance` (KID): the unbiased estimate of the squared maximum mean discrepancy with
+  the polynomial kernel ``k(a, b) = (a.b / F + 1)^3``. Its expectation is exactly 0 for two samples
+  of one distribution and it makes no Gaussian assumption, so it is the better-behaved choice for the
+  few hundred images of a quick evaluation; it can be slightly negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.networks.utils import eval_mode
+
+from monai_cft.metrics._utils import check_positive_int, module_device
+
+__all__ = [
+    "FeatureExtractor",
+    "extract_features",
+    "gaussian_frechet_distance",
+    "frechet_distance",
+    "kernel_distance",
+    "FeatureDistanceMetric",
+]
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Global-average-pooled activations of one layer of a (locally trained) network.
+
+    Args:
+        model: the network, e.g. the evaluation segmentor or the parent regressor.
+        layer: dotted name of the sub-module whose output is taken (one of
+            ``dict(model.named_modules())``); ``None`` takes the model's own output.
+
+    ``forward(images (N, C, *spatial)) -> (N, F)``: activations (N, F, *spatial') are averaged over
+    their spatial dimensions; (N, F) activations are returned as they are. The model runs on its own
+    device in eval mode without gradients (its mode is restored afterwards).
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        modules = dict(model.named_modules())
+        if layer is not None and layer not in modules:
+            names = [n for n in modules if n][:20]
+            raise ValueError(f"model has no sub-module {layer!r}; its first sub-modules are {names} (see model.named_modules()).")
+        self.model = model
+        self.layer = layer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, *spatial) images -> (N, F) pooled features (float32, on the model's device)."""
+        captured: list[torch.Tensor] = []
+        handle = None
+        if self.layer is not None:
+            module = dict(self.model.named_modules())[self.layer]
+            handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            with eval_mode(self.model):
+                out = self.model(images.to(module_device(self.model, images.device)))
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.layer is not None and not captured:
+            raise ValueError(f"sub-module {self.layer!r} was not called in the model's forward pass.")
+        feats = captured[-1] if captured else out
+        if isinstance(feats, (tuple, list)):
+            feats = feats[0]
+        if not isinstance(feats, torch.Tensor) or feats.ndim < 2:
+            raise ValueError(f"layer {self.layer!r} gave {type(feats).__name__} output; expected a (N, F, *spatial) tensor.")
+        feats = feats.float()
+        return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
+
+
+def extract_features(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
+    """Run ``feature_fn`` over ``images`` in mini-batches without gradients.
+
+    Args:
+        feature_fn: ``(n, C, *spatial) -> (n, F)``, e.g. a :class:`FeatureExtractor` (an
+            ``nn.Module`` is put in eval mode for the call).
+        images: (N, C, *spatial) images.
+        batch_size: images per call.
+
+    Returns:
+        (N, F) float32 features on the CPU.
+    """
+    check_positive_int(batch_size, "batch_size")
+    out = []
+    with eval_mode(feature_fn):
+        for start in range(0, images.shape[0], batch_size):
+            f = feature_fn(images[start : start + batch_size])
+            if not isinstance(f, torch.Tensor) or f.ndim != 2:
+                raise ValueError(f"feature_fn must return (n, F) features, got {getattr(f, 'shape', type(f).__name__)}.")
+            out.append(f.detach().float().cpu())
+    if not out:
+        raise ValueError("extract_features needs at least one image, got an empty batch.")
+    return torch.cat(out)
+
+
+def _check_features(a: torch.Tensor, b: torch.Tensor, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    for t, n in ((a, "first"), (b, "second")):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise ValueError(f"the {n} feature set must be an (N, F) tensor, got {getattr(t, 'shape', type(t).__name__)}.")
+        if t.shape[0] < min_n:
+            raise ValueError(f"the {n} feature set needs at least {min_n} samples, got {t.shape[0]}.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the {n} feature set contains non-finite values.")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}.")
+    return a.detach().to(torch.float64), b.detach().to(torch.float64).to(a.device)
+
+
+def _psd_eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix, eigenvalues within rounding of 0 set to exactly 0.
+
+    Rounding leaves |lambda| ~ F * eps * max(lambda) in the null space of a singular covariance;
+    their square roots (~1e-8 relative) would otherwise bias the trace term.
+    """
+    evals, evecs = torch.linalg.eigh((mat + mat.T) / 2)
+    tol = evals.abs().max() * mat.shape[0] * torch.finfo(evals.dtype).eps
+    return torch.where(evals > tol, evals, torch.zeros_like(evals)), evecs
+
+
+def _psd_sqrt(mat: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix."""
+    evals, evecs = _psd_eigh(mat)
+    return (evecs * evals.sqrt()) @ evecs.T
+
+
+def gaussian_frechet_distance(
+    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
+) -> torch.Tensor:
+    """Fréchet distance between N(mu_a, cov_a) and N(mu_b, cov_b).
+
+    ``|mu_a - mu_b|^2 + tr(cov_a) + tr(cov_b) - 2 tr((cov_a^1/2 cov_b cov_a^1/2)^1/2)``, the trace term
+    computed with symmetric eigendecompositions in float64 (valid for singular covariances).
+
+    Args:
+        mu_a, mu_b: (F,) means. cov_a, cov_b: (F, F) symmetric PSD covariances.
+
+    Returns:
+        0-d float64 tensor (squared feature units), >= 0 up to rounding.
+    """
+    f = mu_a.shape[-1]
+    for t, shape, n in ((mu_a, (f,), "mu_a"), (mu_b, (f,), "mu_b"), (cov_a, (f, f), "cov_a"), (cov_b, (f, f), "cov_b")):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{n} must have shape {shape}, got {tuple(t.shape)}.")
+    mu_a, mu_b, cov_a, cov_b = (t.to(torch.float64) for t in (mu_a, mu_b, cov_a, cov_b))
+    sa = _psd_sqrt(cov_a)
+    cross = _psd_eigh(sa @ cov_b @ sa)[0].sqrt().sum()
+    diff = mu_a - mu_b
+    return diff @ diff + torch.trace(cov_a) + torch.trace(cov_b) - 2.0 * cross
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tensor:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula).
+
+    Args:
+        feats_a: (N, F) features of one image set (e.g. counterfactuals).
+        feats_b: (M, F) features of the other (e.g. real test images); N, M >= 2.
+
+    Returns:
+        0-d float64 tensor; sample covariances use ddof = 1 (as ``monai.metrics.FIDMetric``).
+    """
+    a, b = _check_features(feats_a, feats_b, min_n=2)
+    return gaussian_frechet_distance(a.mean(0), torch.cov(a.T).reshape(a.shape[1], -1), b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1))
+
+
+def _unbiased_mmd2(a: torch.Tensor, b: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    m, n = a.shape[0], b.shape[0]
+    kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
+    term_a = (kaa.sum() - kaa.diagonal().sum()) / (m * (m - 1))
+    term_b = (kbb.sum() - kbb.diagonal().sum()) / (n * (n - 1))
+    return term_a + term_b - 2.0 * kab.mean()
+
+
+def kernel_distance(
+    feats_a: torch.Tensor,
+    feats_b: torch.Tensor,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    subset_size: int | None = None,
+    num_subsets: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel (inception-style) distance: unbiased MMD^2 with a polynomial kernel.
+
+    ``k(a, b) = (gamma * a.b + coef0) ** degree`` with ``gamma = 1 / F`` by default (KID). With
+    ``subset_size`` the estimate is averaged over ``num_subsets`` random subsets of that size drawn
+    without replacement from each set (as in the KID paper, bounding memory at subset_size^2).
+
+    Args:
+        feats_a: (N, F) features; feats_b: (M, F) features; N, M >= 2.
+        degree, gamma, coef0: polynomial kernel parameters.
+        subset_size: samples per subset (<= min(N, M)); ``None`` uses all samples once.
+        num_subsets: number of subsets (ignored without ``subset_size``).
+        generator: RNG of the subset draws.
+
+    Returns:
+        ``(mean, std)`` 0-d float64 tensors: the average MMD^2 estimate and its standard deviation
+        over subsets (NaN for a single estimate). Expectation 0 when both sets share a distribution.
+    """
+    a, b = _check_features(feats_a, feats_b, min_n=2)
+    check_positive_int(degree, "degree")
+    g = 1.0 / a.shape[1] if gamma is None else float(gamma)
+    if not g > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}.")
+
+    def kernel(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (g * (u @ v.T) + coef0) ** degree
+
+    if subset_size is None:
+        return _unbiased_mmd2(a, b, kernel), torch.tensor(math.nan, dtype=torch.float64)
+    limit = min(a.shape[0], b.shape[0])
+    check_positive_int(subset_size, "subset_size", minimum=2)
+    if subset_size > limit:
+        raise ValueError(f"subset_size must not exceed the smaller feature set's size {limit}, got {subset_size}.")
+    check_positive_int(num_subsets, "num_subsets")
+    estimates = []
+    for _ in range(num_subsets):
+        ia = torch.randperm(a.shape[0], generator=generator)[:subset_size].to(a.device)
+        ib = torch.randperm(b.shape[0], generator=generator)[:subset_size].to(a.device)
+        estimates.append(_unbiased_mmd2(a[ia], b[ib], kernel))
+    est = torch.stack(estimates)
+    std = est.std() if num_subsets > 1 else torch.tensor(math.nan, dtype=torch.float64)
+    return est.mean(), std
+
+
+class FeatureDistanceMetric(CumulativeIterationMetric):
+    """Accumulates pre-extracted features of generated and real images; aggregates FD and KID.
+
+    ``metric(y_pred=features_of_counterfactuals (n, F), y=features_of_real_images (m, F))`` may be
+    called batch by batch (n and m may differ); :meth:`aggregate` returns ``{"frechet": FD,
+    "kid": KID mean, "kid_std": KID std over subsets, "n_pred": N, "n_real": M}``.
+
+    Args:
+        kid_subset_size: subset size for KID (capped at the smaller set's size); ``None`` uses all
+            samples once.
+        kid_num_subsets: number of KID subsets.
+        seed: seed of the subset draws (aggregation is deterministic).
+        kid_kwargs: polynomial kernel options of :func:`kernel_distance` (``degree``, ``gamma``, ``coef0``).
+    """
+
+    def __init__(
+        self, kid_subset_size: int | None = 1000, kid_num_subsets: int = 100, seed: int = 0, **kid_kwargs: Any
+    ) -> None:
+        super().__init__()
+        unknown = set(kid_kwargs) - {"degree", "gamma", "coef0"}
+        if unknown:
+            raise ValueError(f"unknown kernel options {sorted(unknown)}; expected degree, gamma or coef0.")
+        self.kid_subset_size = kid_subset_size
+        self.kid_num_subsets = kid_num_subsets
+        self.seed = seed
+        self.kid_kwargs = kid_kwargs
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> list[torch.Tensor]:
+        """Validate and pass the two (n, F) / (m, F) feature batches to the buffers."""
+        if y is None:
+            raise ValueError("FeatureDistanceMetric needs the real images' features y, got None.")
+        for t, n in ((y_pred, "y_pred"), (y, "y")):
+            if t.ndim != 2:
+                raise ValueError(f"{n} must be (n, F) pre-extracted features, got shape {tuple(t.shape)}.")
+        if y_pred.shape[1] != y.shape[1]:
+            raise ValueError(f"feature dimensions differ: y_pred {y_pred.shape[1]}, y {y.shape[1]}.")
+        return [y_pred.float().cpu(), y.float().cpu()]
+
+    def aggregate(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """FD and KID of all features accumulated so far (see the class docstring)."""
+        buffers = self.get_buffer()
+        if buffers is None:
+            raise ValueError("FeatureDistanceMetric has no features to aggregate; call it on a batch first.")
+        pred, real = buffers
+        subset = self.kid_subset_size
+        if subset is not None:
+            subset = min(subset, pred.shape[0], real.shape[0])
+        gen = torch.Generator().manual_seed(self.seed)
+        kid, kid_std = kernel_distance(pred, real, subset_size=subset, num_subsets=self.kid_num_subsets, generator=gen, **self.kid_kwargs)
+        return {
+            "frechet": frechet_distance(pred, real),
+            "kid": kid,
+            "kid_std": kid_std,
+            "n_pred": torch.tensor(pred.shape[0]),
+            "n_real": torch.tensor(real.shape[0]),
+        }

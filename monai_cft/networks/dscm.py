@@ -1,0 +1,398 @@
+"""Deep structural causal model: attribute flows plus a parent-conditioned hierarchical VAE.
+
+A counterfactual takes three steps (Pearl's abduction, action, prediction):
+
+1. **Abduction**: latents ``z ~ q(z | x, pa)`` of every stochastic layer of the HVAE, the noise
+   ``u_k`` of every scalar variable (:meth:`AttributeMechanisms.abduct`) and the pixel noise
+   ``u_x = (x - loc(z, pa)) / scale(z, pa)``.
+2. **Action**: ``do(v_i := c)``; descendants of ``v_i`` are recomputed from their noise.
+3. **Prediction**: ``x_cf = loc(z, pa_cf) + scale(z, pa_cf) * T * u_x``.
+
+``T`` (``noise_temperature``) scales the abducted pixel noise. ``T = 1`` (default) is exact
+abduction: under the factual parents ``x_cf == x`` up to float error, so every pixel that the
+decoder does not explain (noise, fine texture) is carried over. ``T < 1`` shrinks that residual
+towards the decoder mean (causal-gen's demonstration notebook uses 0.1), ``T = 0`` returns the mean
+image ``loc(z, pa_cf)``.
+
+Parents are passed to the networks in normalised units: each variable mapped linearly from its
+observed [min, max] to [-1, 1] by :class:`ParentNormalizer`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_cft.networks.flows import AttributeMechanisms
+from monai_cft.networks.hvae import HierarchicalVAE, _state_dict_problems
+from monai_cft.networks.presets import build_hvae
+
+__all__ = ["ParentNormalizer", "DeepSCM", "build_dscm"]
+
+
+class ParentNormalizer(nn.Module):
+    """Map physical variable values to [-1, 1] and back, per variable, over an observed range.
+
+    ``v_norm = 2 * (v - min) / (max - min) - 1``. The ranges are buffers, so they travel with the
+    module's ``state_dict`` and device.
+
+    Args:
+        ranges: ``{name: (min, max)}`` in physical units (mm^2 or mm^3), e.g. the training split's
+            range from ``prepare_config.json``; ``max > min`` is required.
+        names: variable order of the (B, V) tensors; every name needs a range.
+        tolerance: how far (as a fraction of the range) a value may lie outside [min, max] before
+            :meth:`normalize` complains.
+        allow_extrapolation: warn instead of raising on out-of-range values.
+    """
+
+    def __init__(
+        self,
+        ranges: Mapping[str, Sequence[float]],
+        names: Sequence[str],
+        tolerance: float = 0.05,
+        allow_extrapolation: bool = False,
+    ) -> None:
+        super().__init__()
+        names = list(names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"names must be a non-empty list of unique variable names, got {names}.")
+        missing = [n for n in names if n not in ranges]
+        if missing:
+            raise ValueError(f"no range given for variables {missing}; ranges has {sorted(ranges)}.")
+        lows, highs = [], []
+        for n in names:
+            rng = ranges[n]
+            if len(rng) != 2:
+                raise ValueError(f"range of {n!r} must be (min, max), got {rng!r}.")
+            lo, hi = float(rng[0]), float(rng[1])
+            if not (torch.isfinite(torch.tensor([lo, hi])).all() and hi > lo):
+                raise ValueError(
+                    f"range of {n!r} must be finite with max > min, got ({lo}, {hi}); a variable that never "
+                    "varies cannot be normalised or intervened on: widen its range or leave it out."
+                )
+            lows.append(lo)
+            highs.append(hi)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
+        self.names = names
+        self.tolerance = float(tolerance)
+        self.allow_extrapolation = bool(allow_extrapolation)
+        self.register_buffer("low", torch.tensor(lows, dtype=torch.float32))
+        self.register_buffer("high", torch.tensor(highs, dtype=torch.float32))
+
+    @property
+    def ranges(self) -> dict[str, list[float]]:
+        """``{name: [min, max]}`` (physical units)."""
+        return {n: [float(lo), float(hi)] for n, lo, hi in zip(self.names, self.low.tolist(), self.high.tolist())}
+
+    def _check(self, values: torch.Tensor, normalized: bool, allow_extrapolation: bool | None) -> torch.Tensor:
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor(values, dtype=torch.float32)
+        if values.shape[-1:] != (len(self.names),) or values.ndim not in (1, 2):
+            raise ValueError(
+                f"expected (V,) or (B, V) values with V={len(self.names)} variables {self.names}, "
+                f"got shape {tuple(values.shape)}."
+            )
+        if not values.is_floating_point():
+            values = values.float()
+        flat = values.reshape(-1, len(self.names))
+        if not torch.isfinite(flat).all():
+            b, k = (~torch.isfinite(flat)).nonzero()[0].tolist()
+            raise ValueError(f"value of {self.names[k]!r} (sample {b}) is {flat[b, k].item()}, not finite.")
+        allow = self.allow_extrapolation if allow_extrapolation is None else allow_extrapolation
+        low, high = (-torch.ones_like(self.low), torch.ones_like(self.high)) if normalized else (self.low, self.high)
+        margin = self.tolerance * (high - low)
+        outside = (flat < low - margin) | (flat > high + margin)
+        if bool(outside.any()):
+            b, k = outside.nonzero()[0].tolist()
+            unit = "normalised" if normalized else "physical"
+            msg = (
+                f"{self.names[k]!r} = {flat[b, k].item():.6g} (sample {b}) is outside its {unit} range "
+                f"[{low[k].item():.6g}, {high[k].item():.6g}] by more than {self.tolerance:.0%} of the range "
+                f"({int(outside.sum())} value(s) out of range in total)"
+            )
+            if not allow:
+                raise ValueError(msg + "; pass allow_extrapolation=True to accept it.")
+            warnings.warn(msg + "; extrapolating.", stacklevel=3)
+        return values
+
+    def normalize(self, values: torch.Tensor, allow_extrapolation: bool | None = None) -> torch.Tensor:
+        """Physical (V,) or (B, V) values -> [-1, 1] (same shape), validated (see class doc)."""
+        values = self._check(values, False, allow_extrapolation)
+        return 2.0 * (values - self.low) / (self.high - self.low) - 1.0
+
+    def denormalize(self, values: torch.Tensor, allow_extrapolation: bool | None = None) -> torch.Tensor:
+        """Normalised (V,) or (B, V) values -> physical units (same shape), validated."""
+        values = self._check(values, True, allow_extrapolation)
+        return (values + 1.0) * 0.5 * (self.high - self.low) + self.low
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """Alias of :meth:`normalize`."""
+        return self.normalize(values)
+
+
+class DeepSCM(nn.Module):
+    """Deep structural causal model of an image and its scalar parent variables.
+
+    Args:
+        hvae: image mechanism, conditioned on all V variables (``hvae.num_parents == V``).
+        mechanisms: flows of the V variables (same names, same order).
+        normalizer: physical <-> normalised mapping of the V variables (same names, same order).
+
+    The state dict holds all three (``hvae.*``, ``mechanisms.*``, ``normalizer.low/high``).
+    """
+
+    def __init__(self, hvae: HierarchicalVAE, mechanisms: AttributeMechanisms, normalizer: ParentNormalizer) -> None:
+        super().__init__()
+        if list(mechanisms.variables) != list(normalizer.names):
+            raise ValueError(
+                f"mechanisms variables {mechanisms.variables} and normalizer names {normalizer.names} differ."
+            )
+        if hvae.num_parents != len(normalizer.names):
+            raise ValueError(
+                f"the HVAE takes {hvae.num_parents} parents but there are {len(normalizer.names)} variables "
+                f"{normalizer.names}."
+            )
+        self.hvae = hvae
+        self.mechanisms = mechanisms
+        self.normalizer = normalizer
+
+    @property
+    def variables(self) -> list[str]:
+        """Variable names, the column order of every (B, V) tensor."""
+        return list(self.normalizer.names)
+
+    def forward(self, x: torch.Tensor, parents_norm: torch.Tensor, beta: float = 1.0) -> dict[str, Any]:
+        """Training losses: the HVAE's dict (``elbo``, ``nll``, ``kl``) plus ``flow_nll``.
+
+        Args:
+            x: images in [-1, 1], (B, C, *spatial).
+            parents_norm: normalised parents (B, V).
+            beta: KL weight of the HVAE.
+
+        Returns:
+            dict with the HVAE's scalars and ``flow_nll``, the mean negative log-likelihood per
+            sample of the variables (nats, summed over variables).
+        """
+        out = self.hvae(x, parents_norm, beta=beta)
+        out["flow_nll"] = -self.mechanisms.log_prob(parents_norm).mean()
+        return out
+
+    # ------------------------------------------------------------------ CFT building blocks
+    def counterfactual_parents(
+        self, parents_norm: torch.Tensor, mask: torch.Tensor, values_norm: torch.Tensor
+    ) -> torch.Tensor:
+        """Counterfactual normalised parents (B, V); see :meth:`AttributeMechanisms.counterfactual`.
+
+        Args:
+            parents_norm: factual normalised parents (B, V).
+            mask: (B, V) bool, intervened variables.
+            values_norm: (B, V) normalised intervention targets (read where ``mask``).
+        """
+        return self.mechanisms.counterfactual(parents_norm, mask, values_norm)
+
+    def predict_counterfactual(
+        self,
+        x: torch.Tensor,
+        latents: Sequence[torch.Tensor],
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        parents_cf_norm: torch.Tensor,
+        noise_temperature: float = 1.0,
+        clamp: bool = True,
+    ) -> torch.Tensor:
+        """Prediction step with abducted latents and pixel noise (differentiable).
+
+        Args:
+            x: factual images (B, C, *spatial) in [-1, 1].
+            latents: abducted latents (from ``hvae.abduct`` or ``hvae(..., return_latents=True)``).
+            loc, scale: factual likelihood parameters for these latents, (B, C, *spatial).
+            parents_cf_norm: counterfactual normalised parents (B, V).
+            noise_temperature: T, the factor on the abducted pixel noise (see module doc).
+            clamp: clamp the result to the image range [-1, 1].
+
+        Returns:
+            x_cf (B, C, *spatial) = ``loc_cf + scale_cf * T * (x - loc) / scale``.
+        """
+        if noise_temperature < 0:
+            raise ValueError(f"noise_temperature must be >= 0, got {noise_temperature}.")
+        loc_cf, scale_cf = self.hvae.decode(latents, parents_cf_norm)
+        x_cf = loc_cf + scale_cf * (noise_temperature * (x - loc) / scale)
+        return x_cf.clamp(-1.0, 1.0) if clamp else x_cf
+
+    # ------------------------------------------------------------------ user-facing counterfactuals
+    def intervention_tensors(
+        self, intervention: Mapping[str, float | torch.Tensor], batch: int, allow_extrapolation: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn ``{name: value}`` (physical units) into ``(mask (B, V) bool, values_norm (B, V))``.
+
+        A value is a float (all samples) or a (B,) tensor. Values are range-checked by the
+        normalizer (``allow_extrapolation`` as in :class:`ParentNormalizer`).
+        """
+        if not isinstance(intervention, Mapping) or not intervention:
+            raise ValueError(f"intervention must be a non-empty dict of variable -> value, got {intervention!r}.")
+        unknown = [k for k in intervention if k not in self.variables]
+        if unknown:
+            raise ValueError(f"unknown variables {unknown} in the intervention; valid variables are {self.variables}.")
+        device = self.normalizer.low.device
+        mask = torch.zeros(batch, len(self.variables), dtype=torch.bool, device=device)
+        values = self.normalizer.low.expand(batch, -1).clone()
+        for name, value in intervention.items():
+            k = self.variables.index(name)
+            value = torch.as_tensor(value, dtype=torch.float32, device=device)
+            if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != batch):
+                raise ValueError(f"intervention on {name!r} must be a float or a ({batch},) tensor, got {tuple(value.shape)}.")
+            values[:, k] = value
+            mask[:, k] = True
+        values_norm = self.normalizer.normalize(values, allow_extrapolation=allow_extrapolation)
+        return mask, values_norm
+
+    @torch.no_grad()
+    def counterfactual(
+        self,
+        x: torch.Tensor,
+        parents: torch.Tensor,
+        intervention: Mapping[str, float | torch.Tensor],
+        num_particles: int = 1,
+        noise_temperature: float = 1.0,
+        allow_extrapolation: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Counterfactual images for an intervention in physical units (no gradients).
+
+        Runs the networks in whatever mode they are in (call ``eval()`` first for inference).
+
+        Args:
+            x: images (B, C, *spatial) in [-1, 1].
+            parents: factual parents (B, V) in physical units.
+            intervention: ``{variable: value}``, value a float or a (B,) tensor, physical units.
+            num_particles: number of posterior latent samples; the result is their mean.
+            noise_temperature: T on the abducted pixel noise (1 = exact abduction).
+            allow_extrapolation: accept parents/targets outside the normalizer's range (warn).
+
+        Returns:
+            dict with ``x_cf`` (B, C, *spatial), ``parents_cf`` (B, V) physical,
+            ``parents_cf_norm`` (B, V), and, when ``num_particles > 1``, ``uncertainty``: the
+            per-pixel standard deviation of x_cf over the particles (B, C, *spatial).
+        """
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
+        self.hvae._check_x(x)
+        pa_norm = self.normalizer.normalize(parents, allow_extrapolation=allow_extrapolation)
+        if pa_norm.ndim != 2 or pa_norm.shape[0] != x.shape[0]:
+            raise ValueError(f"parents must be (B, V) with B = {x.shape[0]}, got {tuple(pa_norm.shape)}.")
+        mask, values_norm = self.intervention_tensors(intervention, x.shape[0], allow_extrapolation)
+        pa_cf_norm = self.counterfactual_parents(pa_norm, mask, values_norm)
+        particles = []
+        for _ in range(num_particles):
+            out = self.hvae(x, pa_norm, return_latents=True)
+            particles.append(
+                self.predict_counterfactual(x, out["latents"], out["loc"], out["scale"], pa_cf_norm, noise_temperature)
+            )
+        stack = torch.stack(particles)
+        result = {
+            "x_cf": stack.mean(0),
+            "parents_cf": self.normalizer.denormalize(pa_cf_norm, allow_extrapolation=True),
+            "parents_cf_norm": pa_cf_norm,
+        }
+        if num_particles > 1:
+            result["uncertainty"] = stack.std(0)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Everything :meth:`from_checkpoint` needs to rebuild this model (plain JSON-able values).
+
+        Store it as the checkpoint's ``"meta"`` (add your own keys such as ``cft_mode``).
+        """
+        return {
+            "preset": self.hvae.config.get("preset"),
+            "spatial_dims": self.hvae.spatial_dims,
+            "img_size": list(self.hvae.img_size),
+            "variables": self.variables,
+            "ranges": self.normalizer.ranges,
+            "graph": self.mechanisms.graph,
+            "hvae_config": dict(self.hvae.config),
+            "flow_config": dict(self.mechanisms.config),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` raising a ``ValueError`` that names the HVAE presets on a mismatch."""
+        self.hvae.check_state_dict(state_dict, strict=strict, prefix="hvae.")
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("hvae.")}
+        other = {k: v for k, v in state_dict.items() if not k.startswith("hvae.")}
+        problems = _state_dict_problems(own, other, strict, "")
+        if problems:
+            raise ValueError(
+                f"state dict does not fit this DeepSCM (variables {self.variables}): first differences {problems[:5]}."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path | Mapping[str, Any],
+        expected_preset: str | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> DeepSCM:
+        """Rebuild a DeepSCM from ``{"model": state_dict, "meta": checkpoint_meta()}`` or its path.
+
+        Args:
+            checkpoint: the dict, or a path loaded with ``torch.load(weights_only=True)``.
+            expected_preset: if given, a checkpoint of another HVAE preset raises ``ValueError``.
+            map_location: device for ``torch.load``.
+        """
+        if not isinstance(checkpoint, Mapping):
+            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        if "model" not in checkpoint or "meta" not in checkpoint:
+            raise ValueError(f"checkpoint must hold 'model' and 'meta', got keys {sorted(checkpoint)}.")
+        meta = checkpoint["meta"]
+        missing = [k for k in ("hvae_config", "variables", "ranges") if k not in meta]
+        if missing:
+            raise ValueError(f"checkpoint meta lacks {missing} (write it with DeepSCM.checkpoint_meta()).")
+        preset = meta["hvae_config"].get("preset")
+        if expected_preset is not None and preset != expected_preset:
+            raise ValueError(f"checkpoint is from HVAE preset {preset!r}, expected preset {expected_preset!r}.")
+        flow_cfg = dict(meta.get("flow_config", {"variables": meta["variables"], "graph": meta.get("graph")}))
+        model = cls(
+            HierarchicalVAE.from_config({k: v for k, v in meta["hvae_config"].items() if k != "overrides"}),
+            AttributeMechanisms(**flow_cfg),
+            ParentNormalizer(meta["ranges"], meta["variables"]),
+        )
+        model.hvae.config = dict(meta["hvae_config"])
+        model.load_state_dict(checkpoint["model"])
+        return model
+
+
+def build_dscm(
+    preset: str,
+    spatial_dims: int,
+    img_size: Sequence[int],
+    variables: Sequence[str],
+    ranges: Mapping[str, Sequence[float]],
+    graph: Mapping[str, Sequence[str]] | None = None,
+    in_channels: int = 1,
+    flow_kwargs: Mapping[str, Any] | None = None,
+    **hvae_overrides: Any,
+) -> DeepSCM:
+    """Build a :class:`DeepSCM` from an HVAE preset (see :mod:`monai_cft.networks.presets`).
+
+    Args:
+        preset: ``"quick"`` or ``"paper"``.
+        spatial_dims: 2 or 3.
+        img_size: image size, e.g. ``(32, 192)``.
+        variables: variable names (structure-major, :func:`monai_cft.variables.variable_names`).
+        ranges: ``{name: (min, max)}`` physical ranges (e.g. ``prepare_config.json["ranges"]``).
+        graph: causal graph ``{child: [parents]}``; ``None`` = all independent roots.
+        in_channels: image channels.
+        flow_kwargs: extra :class:`AttributeMechanisms` arguments (hidden, transforms, bins, dequantize).
+        hvae_overrides: :func:`build_hvae` overrides.
+    """
+    variables = list(variables)
+    hvae = build_hvae(preset, spatial_dims, img_size, len(variables), in_channels, **hvae_overrides)
+    mechanisms = AttributeMechanisms(variables, graph, **dict(flow_kwargs or {}))
+    return DeepSCM(hvae, mechanisms, ParentNormalizer(ranges, variables))

@@ -1,0 +1,688 @@
+"""Parent-conditioned hierarchical VAE (a VDVAE-style ladder network) for 2D and 3D images.
+
+The network is the image mechanism of the deep structural causal model: ``x = g(z, pa, u_x)``.
+It follows the very deep VAE (VDVAE) layout:
+
+* a bottom-up **encoder**: a stem convolution, then for every *level* a stack of residual blocks,
+  then a down-sampling step (average pooling by the level's per-axis factor and a 1x1 convolution
+  to the next width);
+* a top-down **decoder** that starts from a learned constant at the coarsest level and walks back
+  up, level by level, through decoder blocks. At a *stochastic* level every decoder block holds one
+  latent layer ``z_i`` of ``z_dim`` channels at that level's resolution, with a learned prior
+  ``p(z_i | z_<i, pa)`` computed from the decoder state and a posterior ``q(z_i | z_<i, x, pa)``
+  computed from the decoder state and the encoder activation of the same level;
+* the normalised parents ``pa`` (B, P) are embedded once by a small MLP and injected into **every**
+  decoder block by FiLM (per-channel scale and shift, zero-initialised so that the untrained
+  network starts as an unconditional VAE);
+* a discretised Gaussian likelihood over 256 bins of the [-1, 1] intensity range.
+
+Resolutions are keyed by level, never by width, so non-square images (32 x 192, 64 x 384) and
+volumes (32 x 32 x 192) work: level 0 is the input resolution and every level divides each axis by
+its factor (default 2 for every axis whose size is even, 1 once an axis is odd, e.g. already 1).
+Latents only exist at levels whose every axis is ``<= z_max_res`` (``HierarchicalVAE.stochastic``).
+
+All losses are reported per image element (pixel or voxel, times channels) in nats and averaged
+over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
+
+__all__ = [
+    "HierarchicalVAE",
+    "beta_schedule",
+    "discretized_gaussian_nll",
+    "gaussian_kl",
+    "resolve_strides",
+    "level_sizes",
+]
+
+#: softplus(_SOFTPLUS_ONE) == 1, so a zero-initialised raw scale gives a unit standard deviation.
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+#: lower bound added to every latent standard deviation.
+_MIN_STD = 1e-5
+#: keys of :attr:`HierarchicalVAE.config` that define the parameter shapes (checkpoint compatibility).
+ARCH_KEYS = (
+    "spatial_dims",
+    "in_channels",
+    "img_size",
+    "num_parents",
+    "widths",
+    "blocks_per_level",
+    "z_dim",
+    "z_max_res",
+    "strides",
+    "bottleneck",
+    "embed_dim",
+    "cond_prior",
+)
+
+
+def beta_schedule(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
+    """KL weight for a linear warm-up: ``beta_max * min(1, step / warmup_steps)``.
+
+    Args:
+        step: current optimisation step (>= 0).
+        warmup_steps: number of steps of the warm-up; 0 switches the warm-up off.
+        beta_max: final KL weight.
+    """
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}.")
+    if warmup_steps == 0:
+        return float(beta_max)
+    return float(beta_max) * min(1.0, step / warmup_steps)
+
+
+def gaussian_kl(q_loc: torch.Tensor, q_std: torch.Tensor, p_loc: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:
+    """Element-wise analytic ``KL(N(q_loc, q_std^2) || N(p_loc, p_std^2))`` in nats (same shape as inputs)."""
+    var_ratio = (q_std / p_std) ** 2
+    diff = ((q_loc - p_loc) / p_std) ** 2
+    return 0.5 * (var_ratio + diff - 1.0) - torch.log(q_std / p_std)
+
+
+def discretized_gaussian_nll(
+    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, num_bins: int = 256, edge: float = 1e-3
+) -> torch.Tensor:
+    """Negative log-likelihood (nats) of ``x`` under a Gaussian discretised into ``num_bins`` bins on [-1, 1].
+
+    Every value ``x`` is given the probability mass of the bin ``[x - h, x + h]`` with half width
+    ``h = 1 / (num_bins - 1)``; values within ``edge`` of -1 (of 1) take the whole lower (upper) tail,
+    as the clipped image intensities pile up at the ends of the window. The mass is evaluated with
+    ``log_ndtr`` on the tail that keeps it accurate, and by the midpoint rule (``pdf * width``) when
+    the bin is narrower than 1e-3 standard deviations, so the result and its gradient stay finite.
+
+    Args:
+        x: data in [-1, 1], any shape.
+        loc: Gaussian mean, broadcastable to ``x``.
+        scale: Gaussian standard deviation (> 0), broadcastable to ``x``.
+        num_bins: number of intensity bins (256 for 8-bit images).
+        edge: distance from +-1 below which a value is treated as the extreme bin.
+
+    Returns:
+        Tensor of the shape of ``x``: per-element negative log-probability in nats.
+    """
+    half = 1.0 / (num_bins - 1)
+    upper = (x - loc + half) / scale
+    lower = (x - loc - half) / scale
+    # Phi(u) - Phi(l) == Phi(-l) - Phi(-u): evaluate on the side where both arguments are <= their mean.
+    flip = (upper + lower) > 0
+    a = torch.where(flip, -upper, lower)
+    b = torch.where(flip, -lower, upper)
+    log_b = torch.special.log_ndtr(b)
+    diff = (torch.special.log_ndtr(a) - log_b).clamp(max=-1e-12)
+    log_exact = log_b + torch.log(-torch.expm1(diff))
+    mid = 0.5 * (a + b)
+    log_midpoint = -0.5 * mid * mid - 0.5 * math.log(2.0 * math.pi) + torch.log(b - a)
+    log_mass = torch.where((b - a) < 1e-3, log_midpoint, log_exact)
+    log_mass = torch.where(x < -1.0 + edge, torch.special.log_ndtr(upper), log_mass)
+    log_mass = torch.where(x > 1.0 - edge, torch.special.log_ndtr(-lower), log_mass)
+    return -log_mass
+
+
+def _per_axis(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    value = tuple(int(v) for v in value)
+    if len(value) != spatial_dims:
+        raise ValueError(f"{name} needs {spatial_dims} entries (one per spatial axis), got {value}.")
+    return value
+
+
+def resolve_strides(
+    img_size: Sequence[int], num_levels: int, strides: Sequence[int | Sequence[int]] | None = None
+) -> tuple[tuple[int, ...], ...]:
+    """Per-axis down-sampling factor between consecutive levels.
+
+    Args:
+        img_size: spatial size of level 0, e.g. ``(32, 192)``.
+        num_levels: number of levels (the factors are for the ``num_levels - 1`` transitions).
+        strides: ``None`` for the default (2 along every axis whose current size is even, else 1,
+            so an axis stops shrinking once it is odd, e.g. 1), or one entry per transition, each an
+            int (all axes) or a per-axis tuple.
+
+    Returns:
+        ``num_levels - 1`` tuples of ``len(img_size)`` ints.
+
+    Raises:
+        ValueError: when an explicit factor does not divide the size it is applied to.
+    """
+    size = tuple(int(s) for s in img_size)
+    nd = len(size)
+    if strides is not None and len(strides) != num_levels - 1:
+        raise ValueError(f"strides needs num_levels - 1 = {num_levels - 1} entries, got {len(strides)}.")
+    out = []
+    for level in range(num_levels - 1):
+        if strides is None:
+            factor = tuple(2 if s % 2 == 0 else 1 for s in size)
+        else:
+            factor = _per_axis(strides[level], nd, f"strides[{level}]")
+            bad = [(s, f) for s, f in zip(size, factor) if f < 1 or s % f != 0]
+            if bad:
+                raise ValueError(
+                    f"strides[{level}]={factor} does not divide the level-{level} size {size} (size, factor): {bad}."
+                )
+        out.append(factor)
+        size = tuple(s // f for s, f in zip(size, factor))
+    return tuple(out)
+
+
+def level_sizes(img_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Spatial size of every level given the level-0 size and the per-transition factors."""
+    sizes = [tuple(int(s) for s in img_size)]
+    for factor in strides:
+        sizes.append(tuple(s // f for s, f in zip(sizes[-1], factor)))
+    return sizes
+
+
+def _per_level(value: int | Sequence[int], num_levels: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * num_levels
+    value = tuple(int(v) for v in value)
+    if len(value) != num_levels:
+        raise ValueError(f"{name} needs one entry per level ({num_levels}, as widths), got {value}.")
+    return value
+
+
+class _ConvBlock(nn.Module):
+    """Pre-activation block ``GELU -> conv(k1) -> GELU -> conv(k2)``, optionally residual.
+
+    Shapes: (B, in_ch, *sp) -> (B, out_ch, *sp). ``last_scale`` multiplies the initial weights of
+    the last convolution (0 gives a block that starts as the identity / as zeros).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_ch: int,
+        mid_ch: int,
+        out_ch: int,
+        residual: bool,
+        kernels: tuple[int, int] = (3, 3),
+        last_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        if residual and in_ch != out_ch:
+            raise ValueError(f"a residual block needs in_ch == out_ch, got {in_ch} and {out_ch}.")
+        self.residual = residual
+        self.conv1 = conv(in_ch, mid_ch, kernels[0], padding=kernels[0] // 2)
+        self.conv2 = conv(mid_ch, out_ch, kernels[1], padding=kernels[1] // 2)
+        with torch.no_grad():
+            self.conv2.weight.mul_(last_scale)
+            self.conv2.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.gelu(self.conv1(F.gelu(h))))
+        return h + out if self.residual else out
+
+
+class _DecoderBlock(nn.Module):
+    """One top-down block: FiLM parent injection, an optional stochastic layer, a residual block."""
+
+    def __init__(
+        self, spatial_dims: int, width: int, mid: int, embed_dim: int, z_dim: int, cond_prior: bool, res_scale: float
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.width = width
+        self.z_dim = z_dim
+        self.cond_prior = cond_prior
+        self.film = nn.Linear(embed_dim, 2 * width)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        if z_dim:
+            # prior: (loc, raw std, features added to the state); zero init -> N(0, 1) and no features.
+            self.prior = _ConvBlock(spatial_dims, width, mid, 2 * z_dim + width, False, (3, 1), last_scale=0.0)
+            self.posterior = _ConvBlock(spatial_dims, 2 * width, mid, 2 * z_dim, False, (3, 1))
+            self.z_proj = conv(z_dim, width, 1)
+            with torch.no_grad():
+                self.z_proj.weight.mul_(res_scale)
+        self.res = _ConvBlock(spatial_dims, width, mid, width, True, (3, 3), last_scale=res_scale)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        enc: torch.Tensor | None,
+        z: torch.Tensor | None,
+        mean: bool,
+        temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Return the new state, the latent used (None if deterministic) and the KL map (posterior only)."""
+        gamma, shift = self.film(emb).view(emb.shape[0], 2 * self.width, *([1] * (h.ndim - 2))).chunk(2, dim=1)
+        h_pa = h * (1.0 + gamma) + shift
+        kl = None
+        if self.z_dim:
+            p_loc, p_raw, feat = self.prior(h_pa if self.cond_prior else h).split(
+                [self.z_dim, self.z_dim, self.width], dim=1
+            )
+            p_std = F.softplus(p_raw + _SOFTPLUS_ONE) + _MIN_STD
+            if z is None and enc is not None:
+                q_loc, q_raw = self.posterior(torch.cat([h_pa, enc], dim=1)).chunk(2, dim=1)
+                q_std = F.softplus(q_raw + _SOFTPLUS_ONE) + _MIN_STD
+                z = q_loc if mean else q_loc + q_std * torch.randn_like(q_loc)
+                kl = gaussian_kl(q_loc, q_std, p_loc, p_std)
+            elif z is None:
+                z = p_loc if mean else p_loc + temperature * p_std * torch.randn_like(p_loc)
+            h_pa = h_pa + feat + self.z_proj(z)
+        return self.res(h_pa), z, kl
+
+
+class HierarchicalVAE(nn.Module):
+    """Parent-conditioned VDVAE-style hierarchical VAE for images in [-1, 1].
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels C.
+        img_size: spatial size of the input, e.g. ``(32, 192)`` or ``(32, 32, 192)``.
+        num_parents: number P of (normalised) parent variables conditioning the decoder.
+        widths: channel width of every level (level 0 = full resolution); its length is the number
+            of levels.
+        blocks_per_level: residual blocks per level (int or one per level), used by the encoder and
+            the decoder alike; at a stochastic level every decoder block is one latent layer. 0 is
+            allowed (the level only changes resolution).
+        z_dim: latent channels of every stochastic layer (int or one per level).
+        z_max_res: a level is stochastic when every axis of its size is ``<= z_max_res`` (an int, or
+            one limit per axis). At least one level must be stochastic.
+        strides: per-transition down-sampling factors, see :func:`resolve_strides` (``None``: halve
+            every even axis).
+        bottleneck: width of the inner convolution of every block as a fraction of the level's width
+            (at least 4 channels).
+        embed_dim: width of the parent embedding fed to every decoder block's FiLM layer.
+        cond_prior: if True the prior of a layer also sees the parents injected in its own block;
+            if False it only sees the decoder state below it (parents of earlier blocks), so the
+            top layer's prior is parent-free.
+        free_bits: KL floor in nats per latent channel of every layer and image (0 disables);
+            applied to the batch-mean KL of each (layer, channel) pair inside ``elbo`` only.
+        log_scale_min: lower clamp of the likelihood's log standard deviation.
+        num_bins: bins of the discretised likelihood.
+        preset: name of the preset the hyper-parameters come from (stored in :attr:`config`).
+
+    Attributes:
+        config: dict of every constructor argument (JSON-serialisable); checkpoints store it.
+        sizes: spatial size of every level. ``stochastic``: per-level flag.
+        latent_shapes: ``(z_dim, *size)`` of every stochastic layer, top (coarsest) first, the order
+            of the lists returned by :meth:`abduct`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        img_size: Sequence[int],
+        num_parents: int,
+        widths: Sequence[int] = (16, 32, 64, 64),
+        blocks_per_level: int | Sequence[int] = 1,
+        z_dim: int | Sequence[int] = 8,
+        z_max_res: int | Sequence[int] = 48,
+        strides: Sequence[int | Sequence[int]] | None = None,
+        bottleneck: float = 0.5,
+        embed_dim: int = 32,
+        cond_prior: bool = True,
+        free_bits: float = 0.0,
+        log_scale_min: float = -9.0,
+        num_bins: int = 256,
+        preset: str | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        img_size = tuple(int(s) for s in img_size)
+        if len(img_size) != spatial_dims or min(img_size) < 1:
+            raise ValueError(f"img_size must hold {spatial_dims} positive sizes, got {img_size}.")
+        for name, val in (("in_channels", in_channels), ("num_parents", num_parents), ("embed_dim", embed_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}.")
+        widths = tuple(int(w) for w in widths)
+        if not widths or min(widths) < 1:
+            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}.")
+        n_levels = len(widths)
+        blocks = _per_level(blocks_per_level, n_levels, "blocks_per_level")
+        z_dims = _per_level(z_dim, n_levels, "z_dim")
+        if min(blocks) < 0 or min(z_dims) < 1:
+            raise ValueError(f"blocks_per_level must be >= 0 and z_dim >= 1, got {blocks} and {z_dims}.")
+        if not 0.0 < bottleneck <= 4.0:
+            raise ValueError(f"bottleneck must be in (0, 4], got {bottleneck}.")
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0, got {free_bits}.")
+        z_limit = _per_axis(z_max_res, spatial_dims, "z_max_res")
+        resolved = resolve_strides(img_size, n_levels, strides)
+        self.sizes = level_sizes(img_size, resolved)
+        self.stochastic = [all(s <= m for s, m in zip(size, z_limit)) and b > 0 for size, b in zip(self.sizes, blocks)]
+        if not any(self.stochastic):
+            raise ValueError(
+                f"no stochastic level: level sizes {self.sizes} with blocks {blocks} and z_max_res={z_max_res}; "
+                "raise z_max_res or add levels."
+            )
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.img_size = img_size
+        self.num_parents = num_parents
+        self.free_bits = float(free_bits)
+        self.log_scale_min = float(log_scale_min)
+        self.num_bins = int(num_bins)
+        self.config: dict[str, Any] = {
+            "preset": preset,
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "img_size": list(img_size),
+            "num_parents": num_parents,
+            "widths": list(widths),
+            "blocks_per_level": list(blocks),
+            "z_dim": list(z_dims),
+            "z_max_res": list(z_limit),
+            "strides": [list(f) for f in resolved],
+            "bottleneck": float(bottleneck),
+            "embed_dim": embed_dim,
+            "cond_prior": bool(cond_prior),
+            "free_bits": self.free_bits,
+            "log_scale_min": self.log_scale_min,
+            "num_bins": self.num_bins,
+        }
+
+        conv = Conv[Conv.CONV, spatial_dims]
+        pool = Pool[Pool.AVG, spatial_dims]
+        mids = [max(4, int(round(w * bottleneck))) for w in widths]
+        n_dec_blocks = max(1, sum(blocks))
+        res_scale = 1.0 / math.sqrt(n_dec_blocks)
+
+        # encoder
+        self.stem = conv(in_channels, widths[0], 3, padding=1)
+        self.enc_blocks = nn.ModuleList(
+            nn.ModuleList(
+                _ConvBlock(spatial_dims, widths[lv], mids[lv], widths[lv], True, last_scale=res_scale)
+                for _ in range(blocks[lv])
+            )
+            for lv in range(n_levels)
+        )
+        self.enc_down = nn.ModuleList()
+        for lv in range(n_levels - 1):
+            factor = resolved[lv]
+            steps: list[nn.Module] = []
+            if any(f > 1 for f in factor):
+                steps.append(pool(kernel_size=factor, stride=factor))
+            if widths[lv] != widths[lv + 1]:
+                steps.append(conv(widths[lv], widths[lv + 1], 1))
+            self.enc_down.append(nn.Sequential(*steps))
+
+        # decoder
+        self.parent_embed = nn.Sequential(
+            nn.Linear(num_parents, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim), nn.GELU()
+        )
+        self.dec_start = nn.Parameter(torch.zeros(1, widths[-1], *self.sizes[-1]))
+        self.dec_blocks = nn.ModuleList(
+            nn.ModuleList(
+                _DecoderBlock(
+                    spatial_dims,
+                    widths[lv],
+                    mids[lv],
+                    embed_dim,
+                    z_dims[lv] if self.stochastic[lv] else 0,
+                    cond_prior,
+                    res_scale,
+                )
+                for _ in range(blocks[lv])
+            )
+            for lv in range(n_levels)
+        )
+        self.dec_up = nn.ModuleList(
+            conv(widths[lv + 1], widths[lv], 1) if widths[lv] != widths[lv + 1] else nn.Identity()
+            for lv in range(n_levels - 1)
+        )
+        self.out = conv(widths[0], 2 * in_channels, 3, padding=1)
+        self._factors = resolved
+        self.latent_shapes = [
+            (z_dims[lv], *self.sizes[lv])
+            for lv in reversed(range(n_levels))
+            if self.stochastic[lv]
+            for _ in range(blocks[lv])
+        ]
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> HierarchicalVAE:
+        """Build a network from :attr:`config` (e.g. read back from a checkpoint's meta)."""
+        return cls(**dict(config))
+
+    @property
+    def num_latent_layers(self) -> int:
+        """Number of stochastic layers (length of the latent lists)."""
+        return len(self.latent_shapes)
+
+    def check_compatible(self, meta: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` when a checkpoint's meta describes a different architecture.
+
+        Args:
+            meta: a checkpoint's ``"meta"`` dict holding ``"hvae_config"`` (or ``"preset"`` only),
+                or an HVAE config dict itself.
+        """
+        other = meta.get("hvae_config", meta)
+        if "widths" not in other:
+            theirs, ours = other.get("preset"), self.config["preset"]
+            if theirs is not None and ours is not None and theirs != ours:
+                raise ValueError(f"checkpoint is from HVAE preset {theirs!r} but this model is preset {ours!r}.")
+            return
+        diffs = {
+            k: (other.get(k), self.config[k]) for k in ARCH_KEYS if _normalise(other.get(k)) != _normalise(self.config[k])
+        }
+        if diffs:
+            detail = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())
+            raise ValueError(
+                f"checkpoint HVAE (preset {other.get('preset')!r}) does not match this model "
+                f"(preset {self.config['preset']!r}): {detail}."
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that raises a ``ValueError`` naming the presets on a mismatch."""
+        self.check_state_dict(state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, prefix: str = "") -> None:
+        """Raise ``ValueError`` when ``state_dict`` (keys under ``prefix``) is not of this architecture.
+
+        The message names this model's preset and, when one of the known presets built for the same
+        image size matches the state dict, that preset.
+        """
+        own = {prefix + k: v for k, v in self.state_dict().items()}
+        problems = _state_dict_problems(own, state_dict, strict, prefix)
+        if not problems:
+            return
+        from monai_cft.networks.presets import match_preset  # local import: presets imports this module
+
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        guess = match_preset(sub, self.spatial_dims, self.img_size, self.num_parents, self.in_channels)
+        origin = f"it matches preset {guess!r}" if guess else "it matches no known preset at this image size"
+        raise ValueError(
+            f"state dict does not fit this HierarchicalVAE (preset {self.config['preset']!r}, "
+            f"img_size {self.img_size}); {origin}. First differences: {problems[:5]}."
+        )
+
+    # ------------------------------------------------------------------ input validation
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"image must be a torch.Tensor, got {type(x).__name__}.")
+        expected = ("B", self.in_channels, *self.img_size)
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"image must be (B, C, *spatial) with spatial_dims={self.spatial_dims}, i.e. {expected}; "
+                f"got shape {tuple(x.shape)} ({x.ndim - 2} spatial dims)."
+            )
+        if x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"image shape must be {expected}, got {tuple(x.shape)}.")
+        if not x.is_floating_point():
+            raise TypeError(f"image must be a floating point tensor, got {x.dtype}.")
+
+    def _check_parents(self, parents: torch.Tensor, batch: int | None) -> None:
+        if not isinstance(parents, torch.Tensor):
+            raise TypeError(f"parents must be a torch.Tensor, got {type(parents).__name__}.")
+        if parents.ndim != 2 or parents.shape[1] != self.num_parents:
+            raise ValueError(f"parents must be (B, {self.num_parents}) normalised values, got {tuple(parents.shape)}.")
+        if batch is not None and parents.shape[0] != batch:
+            raise ValueError(f"parents batch size {parents.shape[0]} does not match the image batch size {batch}.")
+        if not torch.isfinite(parents).all():
+            bad = (~torch.isfinite(parents)).nonzero()[0].tolist()
+            raise ValueError(f"parents contain NaN/inf, first at (sample, variable) {tuple(bad)}.")
+
+    def _check_latents(self, latents: Sequence[torch.Tensor], batch: int) -> None:
+        if len(latents) != self.num_latent_layers:
+            raise ValueError(f"expected {self.num_latent_layers} latent tensors, got {len(latents)}.")
+        for i, (z, shape) in enumerate(zip(latents, self.latent_shapes)):
+            if tuple(z.shape) != (batch, *shape):
+                raise ValueError(f"latent {i} must have shape {(batch, *shape)}, got {tuple(z.shape)}.")
+
+    # ------------------------------------------------------------------ passes
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Bottom-up pass; returns the activation of every stochastic level (None elsewhere)."""
+        h = self.stem(x)
+        acts: list[torch.Tensor | None] = []
+        for lv, blocks in enumerate(self.enc_blocks):
+            for block in blocks:
+                h = block(h)
+            acts.append(h if self.stochastic[lv] else None)
+            if lv < len(self.enc_down):
+                h = self.enc_down[lv](h)
+        return acts
+
+    def _decode(
+        self,
+        parents: torch.Tensor,
+        acts: list[torch.Tensor | None] | None = None,
+        latents: Sequence[torch.Tensor] | None = None,
+        mean: bool = False,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Top-down pass. Returns (loc, scale, latents, kl maps (posterior mode only))."""
+        emb = self.parent_embed(parents)
+        h = self.dec_start.expand(parents.shape[0], *self.dec_start.shape[1:])
+        zs: list[torch.Tensor] = []
+        kls: list[torch.Tensor] = []
+        for lv in reversed(range(len(self.dec_blocks))):
+            if lv < len(self.dec_up):
+                # a 1x1 convolution commutes with nearest up-sampling: change width at the coarse size
+                h = F.interpolate(self.dec_up[lv](h), scale_factor=self._factors[lv], mode="nearest")
+            for block in self.dec_blocks[lv]:
+                z_in = latents[len(zs)] if (latents is not None and block.z_dim) else None
+                enc = acts[lv] if acts is not None else None
+                h, z, kl = block(h, emb, enc, z_in, mean, temperature)
+                if z is not None:
+                    zs.append(z)
+                if kl is not None:
+                    kls.append(kl)
+        loc, log_scale = self.out(F.gelu(h)).chunk(2, dim=1)
+        scale = torch.exp(log_scale.clamp(min=self.log_scale_min))
+        return loc, scale, zs, kls
+
+    def forward(
+        self, x: torch.Tensor, parents: torch.Tensor, beta: float = 1.0, return_latents: bool = False
+    ) -> dict[str, Any]:
+        """Negative ELBO of ``x`` given its parents.
+
+        Args:
+            x: images in [-1, 1], (B, C, *img_size).
+            parents: normalised parents in [-1, 1], (B, P).
+            beta: KL weight (warm-up is the trainer's job, see :func:`beta_schedule`).
+            return_latents: also return the posterior samples and the likelihood parameters.
+
+        Returns:
+            dict with scalars (nats per image element, batch mean) ``elbo`` = the negative ELBO
+            used as the loss, ``nll + beta * kl`` (with the free-bits floor applied to the KL when
+            ``free_bits > 0``), ``nll`` and ``kl`` (raw, without the floor); with ``return_latents``
+            also ``latents`` (list of (B, z_dim, *level size), top first), ``loc`` and ``scale``
+            ((B, C, *img_size), the factual likelihood parameters).
+        """
+        self._check_x(x)
+        self._check_parents(parents, x.shape[0])
+        acts = self._encode(x)
+        loc, scale, zs, kls = self._decode(parents, acts=acts)
+        n_elem = x[0].numel()
+        nll = discretized_gaussian_nll(x, loc, scale, self.num_bins).mean()
+        kl = sum(k.sum() for k in kls) / (x.shape[0] * n_elem)
+        if self.free_bits > 0:
+            per_channel = [k.flatten(2).sum(2).mean(0) for k in kls]  # (z_dim,) per layer, nats per image
+            kl_train = sum(c.clamp(min=self.free_bits).sum() for c in per_channel) / n_elem
+        else:
+            kl_train = kl
+        out: dict[str, Any] = {"elbo": nll + beta * kl_train, "nll": nll, "kl": kl}
+        if return_latents:
+            out.update(latents=zs, loc=loc, scale=scale)
+        return out
+
+    def abduct(self, x: torch.Tensor, parents: torch.Tensor, mean: bool = False) -> list[torch.Tensor]:
+        """Posterior latents of every stochastic layer, top (coarsest) first.
+
+        Args:
+            x: images in [-1, 1], (B, C, *img_size).
+            parents: normalised parents, (B, P).
+            mean: return the posterior means instead of samples.
+
+        Returns:
+            list of ``num_latent_layers`` tensors, each (B, *latent_shapes[i]).
+        """
+        self._check_x(x)
+        self._check_parents(parents, x.shape[0])
+        return self._decode(parents, acts=self._encode(x), mean=mean)[2]
+
+    def decode(
+        self, latents: Sequence[torch.Tensor], parents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Likelihood parameters for fixed latents under (any) parents.
+
+        Args:
+            latents: list from :meth:`abduct` (or ``forward(..., return_latents=True)``).
+            parents: normalised parents (B, P), e.g. counterfactual ones.
+
+        Returns:
+            ``(loc, scale)``, each (B, C, *img_size); ``scale >= exp(log_scale_min)``.
+        """
+        self._check_parents(parents, None)
+        self._check_latents(latents, parents.shape[0])
+        loc, scale, _, _ = self._decode(parents, latents=latents)
+        return loc, scale
+
+    def sample(self, parents: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Draw images from the prior given parents.
+
+        Args:
+            parents: normalised parents, (B, P).
+            temperature: multiplies every prior standard deviation (0 gives the prior means).
+
+        Returns:
+            (B, C, *img_size) likelihood means clamped to [-1, 1].
+        """
+        self._check_parents(parents, None)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        loc, _, _, _ = self._decode(parents, mean=temperature == 0, temperature=temperature)
+        return loc.clamp(-1.0, 1.0)
+
+
+def _normalise(value: Any) -> Any:
+    """Make tuples and lists compare equal (configs may come back from JSON)."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _state_dict_problems(
+    own: Mapping[str, torch.Tensor], other: Mapping[str, Any], strict: bool, prefix: str
+) -> list[str]:
+    """Key / shape differences between a model's state dict and ``other`` (keys under ``prefix``)."""
+    problems = []
+    theirs = {k: v for k, v in other.items() if k.startswith(prefix)}
+    for key, ref in own.items():
+        if key not in theirs:
+            if strict:
+                problems.append(f"missing {key}")
+        elif isinstance(theirs[key], torch.Tensor) and tuple(theirs[key].shape) != tuple(ref.shape):
+            problems.append(f"{key}: {tuple(theirs[key].shape)} vs {tuple(ref.shape)}")
+    if strict:
+        problems.extend(f"unexpected {key}" for key in theirs if key not in own)
+    return problems

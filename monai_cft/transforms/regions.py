@@ -1,0 +1,236 @@
+"""Disjoint region masks: positional splits along an image axis, or one mask per value of a region map.
+
+Positional regions partition a spatial axis at fractions of its length (or at millimetre positions);
+pixel centres decide membership, so every pixel belongs to exactly one region. With the defaults
+the last axis (the sCPR's W, ostium at column 0) is cut into proximal / mid / distal thirds, the
+regions of the positional paper. Map mode turns any integer partition (lung zones, AHA segments,
+3D sub-volumes) into the same one-hot form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
+from monai.data.utils import affine_to_spacing
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, ensure_tuple_rep
+
+from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS
+
+__all__ = ["REGION_NAMES_KEY", "RegionMasks", "RegionMasksd"]
+
+#: meta key under which the region names are recorded on the output masks.
+REGION_NAMES_KEY = "region_names"
+_UNITS = ("fraction", "mm")
+_UNLISTED = ("error", "ignore")
+
+
+def _check_boundaries(boundaries: Sequence[float], units: str) -> tuple[float, ...]:
+    try:
+        b = tuple(float(v) for v in boundaries)
+    except TypeError as e:
+        raise TypeError(f"boundaries must be a sequence of numbers, got {boundaries!r}.") from e
+    if not all(math.isfinite(v) for v in b):
+        raise ValueError(f"boundaries must be finite, got {boundaries!r}.")
+    if any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
+        raise ValueError(f"boundaries must be strictly increasing, got {boundaries!r}.")
+    if units == "fraction" and b and (b[0] <= 0.0 or b[-1] >= 1.0):
+        raise ValueError(f"fraction boundaries must lie strictly inside (0, 1), got {boundaries!r}.")
+    if units == "mm" and b and b[0] <= 0.0:
+        raise ValueError(f"mm boundaries must be > 0, got {boundaries!r}.")
+    return b
+
+
+class RegionMasks(Transform):
+    """Build K disjoint region masks for a 2D or 3D image.
+
+    Positional mode (``region_values=None``): the spatial axis ``axis`` of length ``n`` is split at
+    ``boundaries``. With ``units="fraction"`` pixel ``j`` belongs to region ``k`` when its centre
+    ``(j + 0.5) / n`` lies in ``[b_{k-1}, b_k)`` (``b_{-1} = 0``, ``b_{K-1} = 1``); with
+    ``units="mm"`` the centre ``(j + 0.5) * pixdim[axis]`` (mm from the outer edge of the first pixel,
+    pixdim from the ``MetaTensor`` affine) is compared with boundaries in mm, which must lie in
+    ``(0, n * pixdim)``. The input (C, *spatial) only provides the spatial shape (and geometry).
+
+    Map mode (``region_values=(v_1, ..., v_K)``): the input is an integer region map (1, *spatial)
+    and region ``k`` is ``map == v_k``. Pixels whose value is not listed raise ``ValueError``
+    (``unlisted="error"``) or belong to no region (``unlisted="ignore"``).
+
+    Args:
+        boundaries: K - 1 strictly increasing split positions (positional mode); default
+            ``(1/3, 2/3)``. Not allowed together with ``region_values``.
+        axis: spatial axis to split (negative counts from the last; -1 = W of an sCPR).
+        names: the K region names; ``None`` gives ``("proximal", "mid", "distal")`` for the default
+            boundaries and ``region_<k>`` (positional) / ``region_<value>`` (map) otherwise.
+        units: ``"fraction"`` or ``"mm"``.
+        region_values: the region map values, one per region (map mode).
+        unlisted: ``"error"`` or ``"ignore"`` for map values not in ``region_values``.
+        dtype: dtype of the masks.
+
+    Returns:
+        (K, *spatial) one-hot masks (a ``MetaTensor`` keeping the input's geometry when meta
+        tracking is on, with ``meta["region_names"]``).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        boundaries: Sequence[float] | None = None,
+        axis: int = -1,
+        names: Sequence[str] | None = None,
+        units: str = "fraction",
+        region_values: Sequence[int] | None = None,
+        unlisted: str = "error",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if units not in _UNITS:
+            raise ValueError(f"units must be one of {_UNITS}, got {units!r}.")
+        if unlisted not in _UNLISTED:
+            raise ValueError(f"unlisted must be one of {_UNLISTED}, got {unlisted!r}.")
+        if region_values is not None and boundaries is not None:
+            raise ValueError("give either boundaries (positional regions) or region_values (a region map), not both.")
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {axis!r}.")
+        self.axis, self.units, self.unlisted, self.dtype = int(axis), units, unlisted, dtype
+        if region_values is not None:
+            vals = tuple(region_values)
+            if not vals or any(isinstance(v, bool) or float(v) != int(v) for v in vals):
+                raise ValueError(f"region_values must be a non-empty sequence of ints, got {region_values!r}.")
+            self.region_values: tuple[int, ...] | None = tuple(int(v) for v in vals)
+            if len(set(self.region_values)) != len(self.region_values):
+                raise ValueError(f"region_values must be distinct, got {region_values!r}.")
+            self.boundaries: tuple[float, ...] = ()
+            count = len(self.region_values)
+            default_names = [f"region_{v}" for v in self.region_values]
+        else:
+            self.region_values = None
+            self.boundaries = _check_boundaries(DEFAULT_BOUNDARIES if boundaries is None else boundaries, units)
+            count = len(self.boundaries) + 1
+            default_names = list(DEFAULT_REGIONS) if boundaries is None else [f"region_{k}" for k in range(count)]
+        self.names = tuple(default_names if names is None else (str(n) for n in names))
+        if len(self.names) != count:
+            raise ValueError(f"{count} regions need {count} names, got {len(self.names)}: {list(self.names)}.")
+        if len(set(self.names)) != count:
+            raise ValueError(f"region names must be distinct, got {list(self.names)}.")
+
+    @property
+    def num_regions(self) -> int:
+        """K, the number of masks produced."""
+        return len(self.names)
+
+    def _positional(self, spatial: tuple[int, ...], pixdim: float | None, device: torch.device) -> torch.Tensor:
+        nd = len(spatial)
+        ax = self.axis % nd
+        n = spatial[ax]
+        centres = torch.arange(n, dtype=torch.float64, device=device) + 0.5
+        if self.units == "mm":
+            length = n * pixdim
+            if self.boundaries and self.boundaries[-1] >= length:
+                raise ValueError(
+                    f"mm boundaries {list(self.boundaries)} must lie inside (0, {length:g}) mm, the length of "
+                    f"spatial axis {ax} ({n} pixels of {pixdim:g} mm)."
+                )
+            centres = centres * pixdim
+        else:
+            centres = centres / n
+        bounds = torch.tensor(self.boundaries, dtype=torch.float64, device=device)
+        region = torch.searchsorted(bounds, centres, right=True)  # (n,) in [0, K - 1]
+        onehot = region.unsqueeze(0) == torch.arange(self.num_regions, device=device).unsqueeze(1)  # (K, n)
+        view = [self.num_regions] + [1] * nd
+        view[ax + 1] = n
+        return onehot.view(view).expand(self.num_regions, *spatial).to(self.dtype).contiguous()
+
+    def _from_map(self, data: torch.Tensor) -> torch.Tensor:
+        if data.shape[0] != 1:
+            raise ValueError(f"a region map must have one channel (1, *spatial), got shape {tuple(data.shape)}.")
+        rmap = data[0]
+        if rmap.is_floating_point():
+            if not torch.isfinite(rmap).all() or not torch.equal(rmap, torch.round(rmap)):
+                raise ValueError("the region map must hold integer values (got non-integer or non-finite ones).")
+        vals = torch.tensor(self.region_values, device=rmap.device, dtype=rmap.dtype)
+        onehot = rmap.unsqueeze(0) == vals.view(-1, *([1] * rmap.ndim))
+        if self.unlisted == "error":
+            covered = onehot.any(0)
+            if not bool(covered.all()):
+                found = torch.unique(rmap[~covered]).tolist()
+                raise ValueError(
+                    f"region map values {found[:10]} are not in region_values {list(self.region_values)}; "
+                    "list them or use unlisted='ignore'."
+                )
+        return onehot.to(self.dtype)
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        """Masks for ``img``: (C, *spatial) image (positional) or (1, *spatial) region map (map mode)."""
+        if not isinstance(img, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"img must be a tensor or ndarray (C, *spatial), got {type(img).__name__}.")
+        data = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
+        if data.ndim < 2:
+            raise ValueError(f"img must be channel-first (C, *spatial), got shape {tuple(data.shape)}.")
+        raw = data.as_tensor() if isinstance(data, MetaTensor) else data
+        if self.region_values is not None:
+            out = self._from_map(raw)
+        else:
+            nd = data.ndim - 1
+            if not -nd <= self.axis < nd:
+                raise ValueError(f"axis {self.axis} is out of range for an image with {nd} spatial dimensions.")
+            pixdim = None
+            if self.units == "mm":
+                if not isinstance(img, MetaTensor):
+                    raise TypeError(
+                        f"units='mm' needs the pixel spacing: pass a MetaTensor with an affine, got {type(img).__name__}."
+                    )
+                if img.affine.ndim != 2 or img.affine.shape[-1] < nd + 1:
+                    raise ValueError(f"the affine of shape {tuple(img.affine.shape)} does not cover {nd} spatial dims.")
+                pixdim = float(affine_to_spacing(img.affine, r=nd)[self.axis % nd])
+            out = self._positional(tuple(raw.shape[1:]), pixdim, raw.device)
+        if not get_track_meta():
+            return out
+        meta = dict(img.meta) if isinstance(img, MetaTensor) else {}
+        meta[REGION_NAMES_KEY] = list(self.names)
+        affine = meta.pop("affine", None)
+        return MetaTensor(out, affine=affine, meta=meta)
+
+
+class RegionMasksd(MapTransform):
+    """Dictionary version of :class:`RegionMasks`: ``d[output_key] = RegionMasks(...)(d[key])``.
+
+    Args:
+        keys: the key whose image (positional) or region map (map mode) is used.
+        output_key: where to store the (K, *spatial) masks; one per key when several keys are given.
+        boundaries, axis, names, units, region_values, unlisted, dtype: as in :class:`RegionMasks`.
+        allow_missing_keys: skip absent keys.
+    """
+
+    backend = RegionMasks.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: Hashable | Sequence[Hashable] = "regions",
+        boundaries: Sequence[float] | None = None,
+        axis: int = -1,
+        names: Sequence[str] | None = None,
+        units: str = "fraction",
+        region_values: Sequence[int] | None = None,
+        unlisted: str = "error",
+        dtype: torch.dtype = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = ensure_tuple_rep(output_key, len(self.keys))
+        if len(set(self.output_keys)) != len(self.output_keys):
+            raise ValueError(f"each key needs its own output key, got keys {self.keys} -> {self.output_keys}.")
+        self.masks = RegionMasks(boundaries, axis, names, units, region_values, unlisted, dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.masks(d[key])
+        return d

@@ -1,0 +1,339 @@
+"""Helpers for the monai-cft MONAI bundle (``bundle/configs``).
+
+- :func:`find_bundle_root`: the bundle folder, whatever the working directory (``"bundle_root"`` of
+  ``common.json``).
+- :func:`check_overrides` / :func:`validate_overrides`: make a misspelled command-line override an
+  error. ``python -m monai.bundle run ... --train#trainer#max_epoch 1`` (note the missing ``s``)
+  would otherwise silently *add* a new, unused key and train with the default. The configs call
+  ``check_overrides()`` first in their ``"initialize"`` list.
+- :func:`run_bundle`: ``monai.bundle.run`` for Python callers, with the same override check.
+- :func:`select`: pick a named entry of a config table with a clear error (e.g. the segmentor role).
+- :func:`check_prepare_config`: the prepared dataset matches the bundle's ``preset``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import os
+import pydoc
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUNDLE_ROOT_ENV",
+    "find_bundle_root",
+    "config_ids",
+    "validate_overrides",
+    "parse_run_argv",
+    "check_overrides",
+    "run_bundle",
+    "select",
+    "check_prepare_config",
+]
+
+#: environment variable naming the bundle folder (the one holding ``configs/metadata.json``).
+BUNDLE_ROOT_ENV = "MONAI_CFT_BUNDLE_ROOT"
+
+#: keyword arguments of ``monai.bundle.run`` itself (not config overrides).
+RUN_ARGS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file")
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "configs" / "metadata.json").is_file()
+
+
+def find_bundle_root() -> str:
+    """Return the absolute path of the monai-cft bundle folder (the one holding ``configs/metadata.json``).
+
+    Looked up, in order:
+
+    1. the environment variable ``MONAI_CFT_BUNDLE_ROOT`` (an error if it does not point to a bundle);
+    2. ``bundle/`` next to the installed ``monai_cft`` package (a source checkout or an editable
+       install);
+    3. the current working directory, if it has ``configs/metadata.json``.
+
+    Raises:
+        FileNotFoundError: none of these is a bundle folder (the message lists what was tried).
+    """
+    env = os.environ.get(BUNDLE_ROOT_ENV)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not _is_bundle(path):
+            raise FileNotFoundError(f"{BUNDLE_ROOT_ENV}={env!r} does not contain configs/metadata.json.")
+        return str(path)
+    import monai_cft
+
+    tried = []
+    for candidate in (Path(monai_cft.__file__).resolve().parent.parent / "bundle", Path.cwd().resolve()):
+        if _is_bundle(candidate):
+            return str(candidate)
+        tried.append(str(candidate))
+    raise FileNotFoundError(
+        f"cannot find the monai-cft bundle folder (configs/metadata.json) in {tried}; set {BUNDLE_ROOT_ENV} "
+        "to the bundle folder or pass --bundle_root."
+    )
+
+
+def _normalize_id(key: str) -> list[str]:
+    return [part for part in str(key).replace("::", "#").split("#")]
+
+
+def config_ids(config: Any, prefix: str = "") -> list[str]:
+    """Every id of a raw config (nested dicts and lists), ``#``-separated, e.g. ``"train#trainer#max_epochs"``."""
+    ids = []
+    if isinstance(config, Mapping):
+        items = ((str(k), v) for k, v in config.items())
+    elif isinstance(config, list):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return ids
+    for k, v in items:
+        cid = f"{prefix}#{k}" if prefix else k
+        ids.append(cid)
+        ids.extend(config_ids(v, cid))
+    return ids
+
+
+def _target_accepts(node: Mapping, name: str) -> bool:
+    """Whether ``node`` is a ``_target_`` component whose callable has a named parameter ``name``."""
+    target = node.get("_target_")
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return False
+    obj = pydoc.locate(target)
+    if obj is None:
+        from monai.bundle.config_item import ComponentLocator
+
+        obj = ComponentLocator().get_component_module_name(target)
+        obj = pydoc.locate(f"{obj}.{target}") if isinstance(obj, str) else None
+    if obj is None:
+        return False
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get(name)
+    return p is not None and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _lookup(config: Any, parts: Sequence[str]) -> bool:
+    node = config
+    for i, part in enumerate(parts):
+        if isinstance(node, Mapping):
+            if part in node:
+                node = node[part]
+                continue
+            # a constructor argument the config leaves at its default is a valid override
+            return i == len(parts) - 1 and _target_accepts(node, part)
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+            except ValueError:
+                return False
+            if -len(node) <= idx < len(node):
+                node = node[idx]
+                continue
+            return False
+        return False
+    return True
+
+
+def validate_overrides(config_files: str | Sequence[str] | Mapping, overrides: Iterable[str]) -> list[str]:
+    """Check that every override id names something in the (merged) config files.
+
+    An id is valid when it exists in the configs, or when it is a named parameter of the
+    ``_target_`` component it would be added to (for example ``train#trainer#amp`` when the
+    trainer's config leaves ``amp`` at its default). Ids starting with ``_meta_`` are not checked.
+
+    Args:
+        config_files: what ``monai.bundle.run`` receives as ``config_file`` (a path, a list of paths,
+            a comma-separated string, or an already merged dict).
+        overrides: override ids, ``#`` or ``::`` separated (``"train#trainer#max_epochs"``).
+
+    Returns:
+        the checked ids.
+
+    Raises:
+        ValueError: naming every unknown id and its closest valid ids.
+    """
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(config_files)
+    checked, problems = [], []
+    all_ids = None
+    for key in overrides:
+        key = str(key)
+        checked.append(key)
+        if key.startswith("_meta_"):
+            continue
+        if _lookup(config, _normalize_id(key)):
+            continue
+        if all_ids is None:
+            all_ids = config_ids(config)
+        close = difflib.get_close_matches(key.replace("::", "#"), all_ids, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"{key!r}{hint}")
+    if problems:
+        raise ValueError(
+            "unknown config override(s): " + "; ".join(problems) + ". An override must name an existing config id "
+            "(or a parameter of a '_target_' component); to add new keys, put them in an extra config file "
+            "appended to --config_file."
+        )
+    return checked
+
+
+def _parse_value(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def parse_run_argv(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split a ``python -m monai.bundle run ...`` command line the way ``fire`` does.
+
+    Args:
+        argv: the arguments after the program name, e.g. ``["run", "training", "--config_file",
+            "['a.json', 'b.json']", "--train#trainer#max_epochs", "1"]``.
+
+    Returns:
+        ``(run_args, overrides)``: ``run``'s own keyword arguments (``config_file``, ``args_file``,
+        ... with literal values parsed) and the config overrides ``{id: raw string value}``.
+        ``--a-b`` is read as ``a_b``; ``--flag`` without a value is ``"True"``; tokens after a bare
+        ``--`` (fire's own flags) are ignored.
+    """
+    run_args: dict[str, Any] = {}
+    overrides: dict[str, str] = {}
+    tokens = list(argv)
+    if "--" in tokens:
+        tokens = tokens[: tokens.index("--")]
+
+    def is_flag(tok: str) -> bool:
+        if not tok.startswith("-"):
+            return False
+        try:
+            float(tok)
+            return False
+        except ValueError:
+            return True
+
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        i += 1
+        if not is_flag(tok):
+            continue
+        key = tok.lstrip("-")
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i < len(tokens) and not is_flag(tokens[i]):
+            value = tokens[i]
+            i += 1
+        else:
+            value = "True"
+        key = key.replace("-", "_")
+        if key in RUN_ARGS:
+            run_args[key] = _parse_value(value)
+        else:
+            overrides[key] = value
+    return run_args, overrides
+
+
+def _running_bundle_cli(argv0: str) -> bool:
+    parts = Path(argv0).parts
+    return len(parts) >= 3 and parts[-3:] == ("monai", "bundle", "__main__.py")
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
+    """Raise ``ValueError`` when a command-line override of ``python -m monai.bundle run`` is unknown.
+
+    Meant as the first expression of a config's ``"initialize"`` list::
+
+        "initialize": ["$monai_cft.utils.bundle.check_overrides()", ...]
+
+    With ``argv=None`` the process's command line is checked, but only when the process is
+    ``python -m monai.bundle`` (a Python caller of ``monai.bundle.run`` should use
+    :func:`run_bundle`, which validates its keyword overrides itself). Overrides given in an
+    ``--args_file`` are checked as well.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        the checked override ids (empty when nothing was checked).
+    """
+    if argv is None:
+        if not sys.argv or not _running_bundle_cli(sys.argv[0]):
+            return []
+        argv = sys.argv[1:]
+    run_args, overrides = parse_run_argv(argv)
+    keys = list(overrides)
+    config_file = run_args.get("config_file")
+    if run_args.get("args_file"):
+        from monai.bundle import ConfigParser
+
+        file_args = ConfigParser.load_config_file(str(run_args["args_file"]))
+        config_file = config_file if config_file is not None else file_args.get("config_file")
+        keys += [k for k in file_args if k not in RUN_ARGS and k not in overrides]
+    if config_file is None or not keys:
+        return []
+    return validate_overrides(config_file, keys)
+
+
+def run_bundle(
+    run_id: str,
+    config_file: str | Sequence[str],
+    meta_file: str | Sequence[str] | None = None,
+    logging_file: str | bool | None = None,
+    **override: Any,
+) -> None:
+    """``monai.bundle.run`` with the override check of :func:`validate_overrides`.
+
+    Example::
+
+        run_bundle("training", [f"{root}/configs/common.json", f"{root}/configs/train.json"],
+                   **{"dataset_dir": "/data/scpr_quick", "train#trainer#max_epochs": 1})
+    """
+    from monai.bundle import run
+
+    validate_overrides(config_file, override.keys())
+    kwargs: dict[str, Any] = {}
+    if meta_file is not None:
+        kwargs["meta_file"] = meta_file
+    if logging_file is not None:
+        kwargs["logging_file"] = logging_file
+    run(run_id=run_id, config_file=config_file, **kwargs, **override)
+
+
+def select(table: Mapping[str, Any], key: str, what: str = "option") -> Any:
+    """Return ``table[key]`` or raise ``ValueError`` naming ``key`` and the valid choices.
+
+    Used by the configs to resolve named settings, e.g.
+    ``"$monai_cft.utils.bundle.select(@segmentor_roles, @segmentor_role, 'segmentor_role')"``.
+    """
+    if key not in table:
+        raise ValueError(f"unknown {what} {key!r}; valid choices are {sorted(table)}.")
+    return table[key]
+
+
+def check_prepare_config(config: Mapping[str, Any], preset: str, dataset_dir: str | os.PathLike = "") -> Mapping[str, Any]:
+    """Return a prepared dataset's ``prepare_config.json`` content after checking it fits the bundle.
+
+    Raises:
+        ValueError: the dataset was prepared with another preset than ``preset`` (e.g. a ``quick``
+            32 x 192 dataset for the ``paper`` networks), or lacks a key the configs read.
+    """
+    needed = ("variables", "ranges", "structures", "regions", "output_size")
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise ValueError(f"prepare_config.json of {str(dataset_dir)!r} lacks {missing}; re-run monai_cft.data.prepare.")
+    prepared = config.get("preset")
+    if prepared is not None and prepared != preset:
+        raise ValueError(
+            f"dataset {str(dataset_dir)!r} was prepared with preset {prepared!r} but the bundle runs preset {preset!r}; "
+            f"pass --preset {prepared} or --dataset_dir of a {preset!r} dataset."
+        )
+    return config
