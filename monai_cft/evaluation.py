@@ -24,18 +24,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_cft.metrics.effectiveness import measure_with_segmentor
+from monai_cft.metrics.summary import summarize
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
-from monai_cft.transforms.measures import measure_structures
 
 __all__ = ["evaluate_counterfactuals", "CounterfactualEvaluation"]
 
 
-@torch.no_grad()
 def _measure(segmentor: torch.nn.Module, images: torch.Tensor, region_masks: torch.Tensor,
              channels: Sequence[int], element_size: float) -> torch.Tensor:
-    """(B, S*K) areas measured by ``segmentor`` on ``images`` (structure-major)."""
-    probs = torch.softmax(segmentor(images).float(), dim=1)
-    return measure_structures(probs, region_masks, list(channels), element_size).flatten(1)
+    """(B, S*K) areas measured by ``segmentor`` on ``images`` (structure-major), on the CPU."""
+    return measure_with_segmentor(segmentor, images, region_masks, channels, element_size).flatten(1).float().cpu()
+
+
+def _stats(values) -> dict:
+    """mean, std, 95 % CI half-width and n of a list of per-case values (NaNs ignored) as floats."""
+    st = summarize(torch.as_tensor(values, dtype=torch.float64).reshape(-1))
+    mean, low, high = float(st["mean"]), float(st["ci_low"]), float(st["ci_high"])
+    return {"mean": mean, "std": float(st["std"]), "ci95": (high - low) / 2.0, "n": int(st["n"])}
 
 
 def evaluate_counterfactuals(
@@ -77,13 +83,7 @@ def evaluate_counterfactuals(
         ``(rows, metrics)``: one dict per case x intervention x measured variable (the columns of
         :data:`monai_cft.report.EFFECTIVENESS_COLUMNS`) and the aggregated metrics.
     """
-    from monai_cft.metrics import (
-        composition_l1,
-        frechet_distance,
-        kernel_inception_distance,
-        locality_fraction,
-        reversibility_l1,
-    )
+    from monai_cft.metrics import composition, frechet_distance, kernel_distance, locality, reversibility
 
     n, v_count = variables.shape
     if len(names) != v_count:
@@ -101,7 +101,7 @@ def evaluate_counterfactuals(
     cf_kwargs = {} if noise_temperature is None else {"noise_temperature": noise_temperature}
 
     rows: list[dict] = []
-    locality: list[float] = []
+    local: list[float] = []
     factual_err = []
     real_feats, cf_feats = [], []
     comp: dict[int, list[float]] = {c: [] for c in composition_cycles}
@@ -114,7 +114,7 @@ def evaluate_counterfactuals(
     for start in iterator:
         sl = slice(start, min(start + batch_size, n))
         x, pa = images[sl], variables[sl].to(device)
-        measured_f = _measure(segmentor, x, region_masks, channels, element_size).cpu()
+        measured_f = _measure(segmentor, x, region_masks, channels, element_size)
         factual_err.append((measured_f - pa.cpu()).abs())
         if feature_fn is not None:
             real_feats.append(feature_fn(x).float().cpu())
@@ -123,7 +123,7 @@ def evaluate_counterfactuals(
             with torch.no_grad():
                 out = scm.counterfactual(x, pa, {vname: t}, **cf_kwargs)
             x_cf, pa_cf = out["x_cf"], out["parents_cf"].float()
-            meas = _measure(segmentor, x_cf, region_masks, channels, element_size).cpu()
+            meas = _measure(segmentor, x_cf, region_masks, channels, element_size)
             err = (meas - pa_cf.cpu()).abs()
             for b in range(x.shape[0]):
                 i = start + b
@@ -136,23 +136,16 @@ def evaluate_counterfactuals(
                         "abs_error": float(err[b, mi]),
                     })
             region = region_masks[vi % k]
-            locality.extend(locality_fraction(x_cf, x, region).cpu().tolist())
+            local.extend(locality(x, x_cf, region).cpu().tolist())
             if feature_fn is not None and vi == 0:
                 cf_feats.append(feature_fn(x_cf).float().cpu())
         with torch.no_grad():
-            c = composition_l1(scm, x, pa, cycles=composition_cycles, **cf_kwargs)
+            c = composition(scm, x, pa, cycles=tuple(composition_cycles), variables=names, **cf_kwargs)
             for cyc in composition_cycles:
                 comp[cyc].extend(c[cyc].cpu().tolist())
             vi = int(torch.randint(v_count, (1,), generator=gen))
-            rev.extend(reversibility_l1(scm, x, pa, {names[vi]: targets[sl, vi].to(device)}, **cf_kwargs).cpu().tolist())
-
-    def stats(vals) -> dict:
-        a = np.asarray(vals, dtype=np.float64)
-        a = a[np.isfinite(a)]
-        if a.size == 0:
-            return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
-        sd = float(a.std(ddof=1)) if a.size > 1 else 0.0
-        return {"mean": float(a.mean()), "std": sd, "ci95": float(1.96 * sd / np.sqrt(a.size)), "n": int(a.size)}
+            rev.extend(reversibility(scm, x, pa, {names[vi]: targets[sl, vi].to(device)}, variables=names,
+                                     **cf_kwargs).cpu().tolist())
 
     fe = torch.cat(factual_err)
     metrics = {
@@ -162,16 +155,16 @@ def evaluate_counterfactuals(
         "variables": list(names),
         "structures": list(structures),
         "regions": list(regions),
-        "factual_segmentor_error": {nm: stats(fe[:, j].tolist()) for j, nm in enumerate(names)},
-        "composition": {str(cyc): stats(vals) for cyc, vals in comp.items()},
-        "reversibility": stats(rev),
-        "locality": stats(locality),
+        "factual_segmentor_error": {nm: _stats(fe[:, j].tolist()) for j, nm in enumerate(names)},
+        "composition": {str(cyc): _stats(vals) for cyc, vals in comp.items()},
+        "reversibility": _stats(rev),
+        "locality": _stats(local),
     }
     if feature_fn is not None:
         rf, cf = torch.cat(real_feats), torch.cat(cf_feats)
         metrics["realism"] = {
             "fid": float(frechet_distance(rf, cf)),
-            "kid": float(kernel_inception_distance(rf, cf)),
+            "kid": float(kernel_distance(rf, cf)[0]),
             "n_real": int(rf.shape[0]),
             "n_cf": int(cf.shape[0]),
             "features": getattr(feature_fn, "description", "custom"),

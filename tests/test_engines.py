@@ -26,6 +26,15 @@ VARIABLES = ["lumen_proximal", "calcified_mid", "noncalcified_distal"]
 RANGES = {"lumen_proximal": [5.0, 15.0], "calcified_mid": [0.0, 4.0], "noncalcified_distal": [0.0, 2.0]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-over costs on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _params_with_grads(*grads):
     params = []
     for g in grads:
@@ -74,7 +83,7 @@ def test_step_or_skip_leaves_weights_untouched_when_skipping():
 # ---------------------------------------------------------------- EMA, warm-up, autocast, prepare_batch
 def test_model_ema_averages_parameters_and_copies_buffers():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ema = ModelEMA(net, decay=0.9)
+    ema = ModelEMA(net, decay=0.9, warmup=False)
     assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
     w0 = net[0].weight.detach().clone()
     ema.update(net)  # first update copies
@@ -91,6 +100,25 @@ def test_model_ema_averages_parameters_and_copies_buffers():
     assert not ema.module.training, "the averaged copy stays in eval mode"
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(net, decay=1.0)
+
+
+def test_model_ema_decay_warmup():
+    net = nn.Linear(1, 1, bias=False)
+    ema = ModelEMA(net, decay=0.999)
+    decays = []
+    for step in range(4):
+        decays.append(ema.current_decay())
+        w_ema = float(ema.module.weight)
+        with torch.no_grad():
+            net.weight.fill_(float(step + 1))
+        ema.update(net)
+        if step > 0:  # the first update copies the model
+            assert float(ema.module.weight) == pytest.approx(decays[-1] * w_ema + (1 - decays[-1]) * (step + 1))
+    assert decays[1:] == pytest.approx([2 / 11, 3 / 12, 4 / 13])
+    assert ModelEMA(net, decay=0.5).current_decay() == pytest.approx(0.1)
+    late = ModelEMA(net, decay=0.999)
+    late.n_averaged.fill_(100000)
+    assert late.current_decay() == 0.999
 
 
 def test_linear_warmup_and_autocast_and_prepare_batch():

@@ -166,12 +166,17 @@ def test_measure_with_segmentor_exact_areas():
     measured = measure_with_segmentor(seg, images, masks, [1, 2, 3], element_size=0.25, batch_size=1)
     assert measured.shape == (2, 3, 3) and not measured.requires_grad
     assert seg.training and seg.modes == [False, False]  # eval mode inside, restored after
+    seg.modes.clear()
     expected0 = torch.tensor([[4.0, 4.0, 4.0], [0.0, 1.5, 0.0], [0.0, 0.0, 1.0]])
     expected1 = torch.tensor([[4.0, 4.0, 4.0], [0.5, 2.5, 0.0], [0.0, 0.0, 1.0]])
     assert torch.allclose(measured, torch.stack([expected0, expected1]), atol=1e-5)
     # per-image masks and spacings give the same physical answer
     per_case = measure_with_segmentor(seg, images, masks.expand(2, -1, -1, -1), [1, 2, 3], torch.tensor([0.25, 1.0]))
     assert torch.allclose(per_case[0], expected0, atol=1e-5) and torch.allclose(per_case[1], 4 * expected1, atol=1e-5)
+    from monai.data import MetaTensor
+
+    meta = measure_with_segmentor(seg, MetaTensor(images), MetaTensor(masks), [1, 2, 3], 0.25)
+    assert type(meta) is torch.Tensor and torch.allclose(meta, measured)  # geometry-free plain tensor
     whole = measure_with_segmentor(seg, images, None, [2], 0.25)
     assert torch.allclose(whole.view(2), torch.tensor([1.5, 3.0]), atol=1e-5)
     with pytest.raises(ValueError, match="element_size"):
@@ -396,7 +401,9 @@ def test_kernel_distance():
     )
     kid, std = kernel_distance(a, b)
     assert kid.item() == pytest.approx(brute, rel=1e-10) and torch.isnan(std)
-    same = [kernel_distance(torch.randn(400, 8, generator=gen), torch.randn(400, 8, generator=gen))[0].item() for _ in range(5)]
+    same = [
+        kernel_distance(torch.randn(400, 8, generator=gen), torch.randn(400, 8, generator=gen))[0].item() for _ in range(5)
+    ]
     shifted = kernel_distance(torch.randn(400, 8, generator=gen), torch.randn(400, 8, generator=gen) + 0.5)[0].item()
     assert abs(float(np.mean(same))) < 0.02 and min(same) < 0.0 < shifted and shifted > 20 * max(abs(s) for s in same)
     fa, fb = torch.randn(300, 8, generator=gen), torch.randn(200, 8, generator=gen)
@@ -438,7 +445,8 @@ def test_feature_extractor_and_distance_metric():
     res = metric.aggregate()
     assert res["n_pred"].item() == 60 and res["n_real"].item() == 80
     assert res["frechet"].item() == pytest.approx(frechet_distance(fake, real).item())
-    kid, kid_std = kernel_distance(fake, real, subset_size=50, num_subsets=20, generator=torch.Generator().manual_seed(0))
+    gen0 = torch.Generator().manual_seed(0)
+    kid, kid_std = kernel_distance(fake, real, subset_size=50, num_subsets=20, generator=gen0)
     assert res["kid"].item() == pytest.approx(kid.item()) and res["kid_std"].item() == pytest.approx(kid_std.item())
     with pytest.raises(ValueError, match="feature dimensions"):
         metric(fake[:, :4], real)

@@ -97,6 +97,8 @@ def test_map_mode_one_mask_per_listed_value():
     assert torch.equal(RegionMasks(region_values=(3, 1, 2))(rmap.float()).as_tensor(), masks.as_tensor())
     assert RegionMasks(region_values=(3, 1, 2))(rmap).meta["region_names"] == ["region_3", "region_1", "region_2"]
     assert RegionMasks(boundaries=(0.5,))(rmap).meta["region_names"] == ["region_0", "region_1"]
+    assert RegionMasks(boundaries=(1 / 3, 2 / 3))(rmap).meta["region_names"] == ["proximal", "mid", "distal"]
+    assert RegionMasks(boundaries=(0.2, 0.6))(rmap).meta["region_names"] == ["region_0", "region_1", "region_2"]
 
 
 def test_map_mode_unlisted_values():
@@ -107,6 +109,9 @@ def test_map_mode_unlisted_values():
     assert masks.sum(0).tolist() == [[0, 1, 1], [1, 0, 1]]
     with pytest.raises(ValueError, match="integer"):
         RegionMasks(region_values=(1, 2))(rmap.float() + 0.5)
+    # values beyond a small integer dtype's range are compared without overflow (300 != 44 in uint8)
+    small = torch.tensor([[[44, 1], [1, 44]]], dtype=torch.uint8)
+    assert RegionMasks(region_values=(300, 1, 44), unlisted="ignore")(small)[0].sum() == 0
     with pytest.raises(ValueError, match="one channel"):
         RegionMasks(region_values=(1, 2))(torch.zeros(2, 3, 3))
 

@@ -57,6 +57,8 @@ CFT_MODES: tuple[str, ...] = ("none", "reg", "seg", "pos_seg")
 INTERVENTION_SAMPLING: tuple[str, ...] = ("uniform", "permute")
 
 _STATE_VERSION = 1
+#: consecutive skipped updates after which the trainer warns that training has stalled.
+_STALL_WARNING = 20
 
 
 def check_cft_mode(mode: str) -> str:
@@ -270,6 +272,7 @@ class CFTTrainer(Trainer):
         self.checkpoint_interval = int(checkpoint_interval)
         self.state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"cft_{self.mode}_state.pt"
         self.resume = bool(resume)
+        self._consecutive_skips = 0
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
 
         # handler order on STARTED: resume first, then the ELBO target (restored or measured)
@@ -444,6 +447,17 @@ class CFTTrainer(Trainer):
             values = parents_norm[torch.randperm(b, device=parents_norm.device)]
         return mask, values
 
+    def _note_skip(self, nelbo: float, grad_norm: float) -> None:
+        """Count consecutive skipped updates and warn once when training has stalled."""
+        self._consecutive_skips += 1
+        if self._consecutive_skips == _STALL_WARNING:
+            self.logger.warning(
+                f"{_STALL_WARNING} consecutive CFT updates skipped (grad norm {grad_norm:.4g} >= grad_skip "
+                f"{self.grad_skip} or non-finite loss; nelbo {nelbo:.4f} vs eps {float(self.constraint.eps):.4f}): "
+                "once the ELBO has drifted from eps the damping term keeps the gradient large and no update "
+                "can bring it back. Lower the learning rate or the damping, or raise grad_skip."
+            )
+
     def _guidance(self, x_cf: torch.Tensor, parents_cf_norm: torch.Tensor) -> torch.Tensor:
         if self.mode == "reg":
             return self.guidance_loss(x_cf, parents_cf_norm)
@@ -487,6 +501,9 @@ class CFTTrainer(Trainer):
             engine.lagrange_optimizer.step()
             engine.constraint.clamp_()
             engine.ema.update(engine.hvae)
+            engine._consecutive_skips = 0
+        else:
+            engine._note_skip(float(nelbo.detach()), grad_norm)
         engine.optimizer.zero_grad(set_to_none=True)
         engine.lagrange_optimizer.zero_grad(set_to_none=True)
 

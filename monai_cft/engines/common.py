@@ -43,18 +43,27 @@ __all__ = [
 
 
 class ModelEMA(AveragedModel):
-    """Exponential moving average of a model's parameters: ``w_ema <- decay * w_ema + (1 - decay) * w``.
+    """Exponential moving average of a model's parameters: ``w_ema <- d * w_ema + (1 - d) * w``.
 
-    A thin layer over ``torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))``
-    (fused ``torch._foreach_lerp_`` update) that additionally *copies* the model's buffers
-    (BatchNorm statistics, normalizer ranges, integer counters) instead of averaging them, which
-    ``AveragedModel(use_buffers=True)`` cannot do for integer buffers. The averaged copy is
-    ``ema.module``: always in eval mode, without gradients; evaluate and save it
+    A thin layer over ``torch.optim.swa_utils.AveragedModel`` with
+    ``multi_avg_fn=get_ema_multi_avg_fn(d)`` (fused ``torch._foreach_lerp_`` update) that
+
+    - copies the model's buffers (BatchNorm statistics, normalizer ranges, integer counters) instead
+      of averaging them, which ``AveragedModel(use_buffers=True)`` cannot do for integer buffers;
+    - optionally warms the decay up: with ``warmup=True`` the update after ``n`` earlier ones uses
+      ``d = min(decay, (1 + n) / (10 + n))`` (the ``num_updates`` rule of TensorFlow's
+      ``ExponentialMovingAverage``), so the average follows the model early on instead of staying
+      close to the random initialization for thousands of updates (``decay=0.999`` alone keeps
+      ``0.999^n`` of the initial weights: 82 % after 200 updates). ``d`` reaches 0.99 after 890
+      updates and 0.999 after 8990.
+
+    The averaged copy is ``ema.module``: always in eval mode, without gradients; evaluate and save it
     (``ema.module.state_dict()`` has the same keys as the model's).
 
     Args:
         model: the trained model (deep-copied at construction).
-        decay: EMA decay in [0, 1); 0.999 averages over roughly the last 1000 updates.
+        decay: EMA decay in [0, 1).
+        warmup: use the decay warm-up described above.
         device: optional device for the averaged copy (default: the model's).
 
     Example::
@@ -65,7 +74,9 @@ class ModelEMA(AveragedModel):
         evaluate(ema.module)
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float = 0.999, warmup: bool = True, device: str | torch.device | None = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"ModelEMA needs a torch.nn.Module, got {type(model).__name__}.")
         decay = float(decay)
@@ -73,8 +84,16 @@ class ModelEMA(AveragedModel):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
         super().__init__(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
         self.decay = decay
+        self.warmup = bool(warmup)
         self.module.requires_grad_(False)
         self.module.eval()
+
+    def current_decay(self) -> float:
+        """Decay the next :meth:`update` applies (see ``warmup``)."""
+        if not self.warmup:
+            return self.decay
+        n = float(self.n_averaged)
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def train(self, mode: bool = True) -> ModelEMA:
         """Keep the averaged copy in eval mode whatever ``mode`` is asked for."""
@@ -84,6 +103,7 @@ class ModelEMA(AveragedModel):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Average ``model``'s parameters into ``self.module`` and copy its buffers."""
+        self.multi_avg_fn = get_ema_multi_avg_fn(self.current_decay())
         self.update_parameters(model)
         for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b.detach().to(b_ema.device))

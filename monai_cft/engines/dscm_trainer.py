@@ -114,8 +114,9 @@ class DSCMTrainer(Trainer):
     finite -> the update is skipped and counted in ``engine.state.skipped_updates`` (HVAE) /
     ``engine.state.flow_skipped_updates`` (flows); otherwise the gradients are clipped to
     ``grad_clip`` and the optimizer steps. Learning rates warm up linearly over
-    ``lr_warmup_steps`` updates, beta over ``beta_warmup_steps`` HVAE iterations. The EMA model
-    (``self.ema.module``) is updated after every iteration with an applied update.
+    ``lr_warmup_steps`` applied updates (skipped ones do not count), beta over
+    ``beta_warmup_steps`` HVAE iterations. The EMA model (``self.ema.module``) is updated after
+    every iteration with an applied update.
 
     ``engine.state.output`` is a dict of floats: ``loss`` (what was minimized: the HVAE's negative
     ELBO per image element with beta and free bits, plus the flows' NLL per sample, for the parts
@@ -283,11 +284,11 @@ class DSCMTrainer(Trainer):
             else:
                 engine.flow_optimizer.zero_grad(set_to_none=True)
                 skipped = True
-            engine.lr_schedulers["flows"].step()
             if skipped:
                 engine.state.flow_skipped_updates += 1
                 out["skipped"] = 1.0
             else:
+                engine.lr_schedulers["flows"].step()
                 updated = True
                 out["loss"] += out["flow_nll"]
         else:
@@ -312,12 +313,12 @@ class DSCMTrainer(Trainer):
             else:
                 engine.optimizer.zero_grad(set_to_none=True)
                 skipped = True
-            engine.lr_schedulers["hvae"].step()
             engine.state.hvae_steps += 1
             if skipped:
                 engine.state.skipped_updates += 1
                 out["skipped"] = 1.0
             else:
+                engine.lr_schedulers["hvae"].step()
                 updated = True
                 out["loss"] += float(loss.detach())
 

@@ -172,7 +172,7 @@ class DSCMImageLogger:
         was_training = net.training
         net.eval()
         with torch.no_grad():
-            pa = net.normalizer.normalize(v)
+            pa = net.normalizer.normalize(v, allow_extrapolation=True)
             recon = net.hvae(x, pa, return_latents=True)["loc"].clamp(-1.0, 1.0)
             sample = net.hvae.sample(pa, temperature=self.temperature)
         net.train(was_training)

@@ -24,14 +24,22 @@ variable is one term of Eq. 3, so adding variables adds terms instead of dilutin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from monai_cft.transforms.measures import measure_structures
 
-__all__ = ["freeze_module", "RegressorGuidanceLoss", "SegmentorGuidanceLoss", "ranges_to_scales"]
+__all__ = [
+    "freeze_module",
+    "RegressorGuidanceLoss",
+    "SegmentorGuidanceLoss",
+    "ranges_to_scales",
+    "structure_total_scales",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -67,6 +75,35 @@ def ranges_to_scales(ranges: Mapping[str, Sequence[float]], names: Sequence[str]
             raise ValueError(f"observed range of {n!r} must be finite with max > min, got [{lo}, {hi}].")
         scales.append(hi - lo)
     return torch.tensor(scales, dtype=torch.float32)
+
+
+def structure_total_scales(values: Any, num_structures: int) -> torch.Tensor:
+    """Normalization scales of Seg-CFT's global areas: the observed range of each structure's total.
+
+    Args:
+        values: (N, S * R) regional variables of the training cases (structure-major, physical units),
+            e.g. ``[item["variables"] for item in datalist]``.
+        num_structures: S.
+
+    Returns:
+        (S,) float32 tensor ``max_n sum_r v[n, s, r] - min_n sum_r v[n, s, r]``.
+
+    Raises:
+        ValueError: a shape that does not split into S structures, non-finite values or a
+            structure whose total never varies.
+    """
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] % int(num_structures):
+        raise ValueError(
+            f"values must be (N, S * R) with S = {num_structures} structures, got shape {tuple(v.shape)}."
+        )
+    if not torch.isfinite(v).all():
+        raise ValueError("values contain NaN or infinite entries.")
+    totals = v.view(v.shape[0], int(num_structures), -1).sum(-1)
+    scales = (totals.max(0).values - totals.min(0).values).float()
+    if not (scales > 0).all():
+        raise ValueError(f"every structure's total must vary over the cases, got ranges {scales.tolist()}.")
+    return scales
 
 
 def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 
-__all__ = ["module_device", "check_positive_int"]
+__all__ = ["module_device", "check_positive_int", "plain"]
 
 
 def module_device(module: Any, default: torch.device) -> torch.device:
@@ -22,3 +23,8 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return value
+
+
+def plain(t: Any) -> Any:
+    """A ``MetaTensor`` as a plain ``torch.Tensor`` (metrics carry no geometry); anything else unchanged."""
+    return t.as_tensor() if isinstance(t, MetaTensor) else t

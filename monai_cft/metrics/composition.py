@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from monai_cft.metrics._utils import plain
 from monai_cft.metrics.interventions import Interventions, counterfactual_per_sample, run_counterfactual
 
 __all__ = ["to_pixel_range", "image_l1", "composition", "reversibility"]
@@ -51,7 +52,10 @@ def image_l1(
         (B,) float32, in 0-255 intensity units.
     """
     if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(f"images must be two (B, C, *spatial) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(
+            f"images must be two (B, C, *spatial) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    a, b = plain(a), plain(b)
     diff = to_pixel_range(a, value_range, clip) - to_pixel_range(b, value_range, clip)
     return diff.abs().flatten(1).mean(1)
 
@@ -68,7 +72,9 @@ def _resolve_variables(scm: Any, x: torch.Tensor, parents: torch.Tensor, variabl
     if parents.ndim != 2 or parents.shape[0] != x.shape[0]:
         raise ValueError(f"parents must be (B, V) with B = {x.shape[0]}, got shape {tuple(parents.shape)}.")
     if parents.shape[1] != len(variables):
-        raise ValueError(f"parents have {parents.shape[1]} columns but {len(variables)} variables were named: {variables}.")
+        raise ValueError(
+            f"parents have {parents.shape[1]} columns but {len(variables)} variables were named: {variables}."
+        )
     return variables
 
 

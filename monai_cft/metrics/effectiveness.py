@@ -22,7 +22,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.networks.utils import eval_mode
 
-from monai_cft.metrics._utils import check_positive_int, module_device
+from monai_cft.metrics._utils import check_positive_int, module_device, plain
 from monai_cft.metrics.summary import summarize
 from monai_cft.transforms.measures import measure_structures
 
@@ -64,6 +64,7 @@ def measure_with_segmentor(
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, C, *spatial) tensor, got {shape}.")
     check_positive_int(batch_size, "batch_size")
+    images, region_masks = plain(images), plain(region_masks)
     b = images.shape[0]
     per_case_masks = region_masks is not None and region_masks.ndim == images.ndim
     if per_case_masks and region_masks.shape[0] != b:
@@ -78,7 +79,8 @@ def measure_with_segmentor(
         for start in range(0, b, batch_size):
             stop = min(start + batch_size, b)
             logits = segmentor(images[start:stop].to(device))
-            if not isinstance(logits, torch.Tensor) or logits.shape[0] != stop - start or logits.shape[2:] != images.shape[2:]:
+            ok = isinstance(logits, torch.Tensor) and logits.shape[0] == stop - start
+            if not ok or logits.shape[2:] != images.shape[2:]:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(
                     f"segmentor must return (B, C, *spatial) logits matching the images' spatial shape "
@@ -95,7 +97,9 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> Non
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}.")
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
 
 
 def effectiveness_errors(measured: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,6 +114,7 @@ def effectiveness_errors(measured: torch.Tensor, target: torch.Tensor) -> torch.
         ``|measured - target|``, same shape and units (mm^2 / mm^3).
     """
     _check_pair(measured, target, ("measured", "target"))
+    measured, target = plain(measured), plain(target)
     return (measured - target.to(measured.dtype)).abs()
 
 
@@ -219,7 +224,9 @@ class RegionalEffectivenessMetric(CumulativeIterationMetric):
         errors = self._compute_tensor(y_pred, y)
         b, v = errors.shape
         if self.variables is not None and v != len(self.variables):
-            raise ValueError(f"got {v} variables per case but the metric was built for {len(self.variables)}: {self.variables}.")
+            raise ValueError(
+                f"got {v} variables per case but the metric was built for {len(self.variables)}: {self.variables}."
+            )
         if intervened is None:
             intervened = torch.full((b,), -1, dtype=torch.long)
         intervened = torch.as_tensor(intervened).detach().long().cpu()
@@ -234,7 +241,8 @@ class RegionalEffectivenessMetric(CumulativeIterationMetric):
         """(B, V) absolute errors of one batch-first batch."""
         for t, n in ((y_pred, "y_pred"), (y, "y")):
             if not isinstance(t, torch.Tensor) or t.ndim < 2:
-                raise ValueError(f"{n} must be a (B, V) or (B, S, K) tensor, got {getattr(t, 'shape', type(t).__name__)}.")
+                got = getattr(t, "shape", type(t).__name__)
+                raise ValueError(f"{n} must be a (B, V) or (B, S, K) tensor, got {got}.")
         return effectiveness_errors(y_pred.detach().flatten(1).float(), y.detach().flatten(1).float())
 
     def aggregate(self, by_intervention: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[override]
@@ -274,6 +282,7 @@ class RegionalEffectivenessMetric(CumulativeIterationMetric):
             if int(stats["n"][i].max()) == 0:
                 continue
             out[names[i]] = {
-                names[j]: {k: (int(t[i, j]) if k == "n" else float(t[i, j])) for k, t in stats.items()} for j in range(v)
+                names[j]: {k: (int(t[i, j]) if k == "n" else float(t[i, j])) for k, t in stats.items()}
+                for j in range(v)
             }
         return out

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from monai_cft.metrics._utils import plain
+
 __all__ = ["locality"]
 
 
@@ -30,9 +32,12 @@ def locality(x: torch.Tensor, x_cf: torch.Tensor, region_mask: torch.Tensor, eps
         :func:`~monai_cft.metrics.summary.summarize`).
     """
     if x.shape != x_cf.shape or x.ndim < 3:
-        raise ValueError(f"x and x_cf must be (B, C, *spatial) of one shape, got {tuple(x.shape)} and {tuple(x_cf.shape)}.")
+        raise ValueError(
+            f"x and x_cf must be (B, C, *spatial) of one shape, got {tuple(x.shape)} and {tuple(x_cf.shape)}."
+        )
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}.")
+    x, x_cf, region_mask = plain(x), plain(x_cf), plain(region_mask)
     spatial = tuple(x.shape[2:])
     m = region_mask.to(device=x.device, dtype=torch.float32)
     if tuple(m.shape[-len(spatial) :]) != spatial:
@@ -42,9 +47,13 @@ def locality(x: torch.Tensor, x_cf: torch.Tensor, region_mask: torch.Tensor, eps
     elif m.ndim == len(spatial) + 1:
         m = m[:, None]
     elif m.ndim != x.ndim:
-        raise ValueError(f"region_mask must be (*spatial), (B, *spatial) or (B, C, *spatial), got shape {tuple(m.shape)}.")
+        raise ValueError(
+            f"region_mask must be (*spatial), (B, *spatial) or (B, C, *spatial), got shape {tuple(m.shape)}."
+        )
     if m.shape[0] not in (1, x.shape[0]) or m.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"region_mask of shape {tuple(m.shape)} does not broadcast to images of shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"region_mask of shape {tuple(m.shape)} does not broadcast to images of shape {tuple(x.shape)}."
+        )
     if bool(((m < 0) | (m > 1)).any()):
         raise ValueError("region_mask values must lie in [0, 1].")
     diff = (x_cf.to(torch.float32) - x.to(torch.float32)).abs()

@@ -29,7 +29,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.networks.utils import eval_mode
 
-from monai_cft.metrics._utils import check_positive_int, module_device
+from monai_cft.metrics._utils import check_positive_int, module_device, plain
 
 __all__ = [
     "FeatureExtractor",
@@ -61,7 +61,9 @@ class FeatureExtractor(torch.nn.Module):
         modules = dict(model.named_modules())
         if layer is not None and layer not in modules:
             names = [n for n in modules if n][:20]
-            raise ValueError(f"model has no sub-module {layer!r}; its first sub-modules are {names} (see model.named_modules()).")
+            raise ValueError(
+                f"model has no sub-module {layer!r}; its first sub-modules are {names} (see model.named_modules())."
+            )
         self.model = model
         self.layer = layer
 
@@ -84,7 +86,8 @@ class FeatureExtractor(torch.nn.Module):
         if isinstance(feats, (tuple, list)):
             feats = feats[0]
         if not isinstance(feats, torch.Tensor) or feats.ndim < 2:
-            raise ValueError(f"layer {self.layer!r} gave {type(feats).__name__} output; expected a (N, F, *spatial) tensor.")
+            got = type(feats).__name__
+            raise ValueError(f"layer {self.layer!r} gave {got} output; expected a (N, F, *spatial) tensor.")
         feats = feats.float()
         return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
 
@@ -109,8 +112,9 @@ def extract_features(
         for start in range(0, images.shape[0], batch_size):
             f = feature_fn(images[start : start + batch_size])
             if not isinstance(f, torch.Tensor) or f.ndim != 2:
-                raise ValueError(f"feature_fn must return (n, F) features, got {getattr(f, 'shape', type(f).__name__)}.")
-            out.append(f.detach().float().cpu())
+                got = getattr(f, "shape", type(f).__name__)
+                raise ValueError(f"feature_fn must return (n, F) features, got {got}.")
+            out.append(plain(f).detach().float().cpu())
     if not out:
         raise ValueError("extract_features needs at least one image, got an empty batch.")
     return torch.cat(out)
@@ -119,14 +123,15 @@ def extract_features(
 def _check_features(a: torch.Tensor, b: torch.Tensor, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     for t, n in ((a, "first"), (b, "second")):
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            raise ValueError(f"the {n} feature set must be an (N, F) tensor, got {getattr(t, 'shape', type(t).__name__)}.")
+            got = getattr(t, "shape", type(t).__name__)
+            raise ValueError(f"the {n} feature set must be an (N, F) tensor, got {got}.")
         if t.shape[0] < min_n:
             raise ValueError(f"the {n} feature set needs at least {min_n} samples, got {t.shape[0]}.")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the {n} feature set contains non-finite values.")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}.")
-    return a.detach().to(torch.float64), b.detach().to(torch.float64).to(a.device)
+    return plain(a).detach().to(torch.float64), plain(b).detach().to(torch.float64).to(a.device)
 
 
 def _psd_eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +187,13 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tens
         0-d float64 tensor; sample covariances use ddof = 1 (as ``monai.metrics.FIDMetric``).
     """
     a, b = _check_features(feats_a, feats_b, min_n=2)
-    return gaussian_frechet_distance(a.mean(0), torch.cov(a.T).reshape(a.shape[1], -1), b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1))
+    f = a.shape[1]
+    return gaussian_frechet_distance(a.mean(0), torch.cov(a.T).reshape(f, f), b.mean(0), torch.cov(b.T).reshape(f, f))
 
 
-def _unbiased_mmd2(a: torch.Tensor, b: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _unbiased_mmd2(
+    a: torch.Tensor, b: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     m, n = a.shape[0], b.shape[0]
     kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
     term_a = (kaa.sum() - kaa.diagonal().sum()) / (m * (m - 1))
@@ -294,7 +302,9 @@ class FeatureDistanceMetric(CumulativeIterationMetric):
         if subset is not None:
             subset = min(subset, pred.shape[0], real.shape[0])
         gen = torch.Generator().manual_seed(self.seed)
-        kid, kid_std = kernel_distance(pred, real, subset_size=subset, num_subsets=self.kid_num_subsets, generator=gen, **self.kid_kwargs)
+        kid, kid_std = kernel_distance(
+            pred, real, subset_size=subset, num_subsets=self.kid_num_subsets, generator=gen, **self.kid_kwargs
+        )
         return {
             "frechet": frechet_distance(pred, real),
             "kid": kid,

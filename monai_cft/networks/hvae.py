@@ -122,8 +122,9 @@ def discretized_gaussian_nll(
     mid = 0.5 * (a + b)
     log_midpoint = -0.5 * mid * mid - 0.5 * math.log(2.0 * math.pi) + torch.log(b - a)
     log_mass = torch.where((b - a) < 1e-3, log_midpoint, log_exact)
-    log_mass = torch.where(x < -1.0 + edge, torch.special.log_ndtr(upper), log_mass)
-    log_mass = torch.where(x > 1.0 - edge, torch.special.log_ndtr(-lower), log_mass)
+    # extreme bins: log Phi(upper) at the lower end, log Phi(-lower) = log(1 - Phi(lower)) at the upper end
+    log_tail = torch.special.log_ndtr(torch.where(x < 0, upper, -lower))
+    log_mass = torch.where((x < -1.0 + edge) | (x > 1.0 - edge), log_tail, log_mass)
     return -log_mass
 
 
@@ -264,10 +265,11 @@ class _DecoderBlock(nn.Module):
             p_loc, p_raw, feat = self.prior(h_pa if self.cond_prior else h).split(
                 [self.z_dim, self.z_dim, self.width], dim=1
             )
-            p_std = F.softplus(p_raw + _SOFTPLUS_ONE) + _MIN_STD
+            # distribution parameters in float32 even under autocast (KL and sampling are precision sensitive)
+            p_loc, p_std = p_loc.float(), F.softplus(p_raw.float() + _SOFTPLUS_ONE) + _MIN_STD
             if z is None and enc is not None:
                 q_loc, q_raw = self.posterior(torch.cat([h_pa, enc], dim=1)).chunk(2, dim=1)
-                q_std = F.softplus(q_raw + _SOFTPLUS_ONE) + _MIN_STD
+                q_loc, q_std = q_loc.float(), F.softplus(q_raw.float() + _SOFTPLUS_ONE) + _MIN_STD
                 z = q_loc if mean else q_loc + q_std * torch.randn_like(q_loc)
                 kl = gaussian_kl(q_loc, q_std, p_loc, p_std)
             elif z is None:
@@ -509,7 +511,7 @@ class HierarchicalVAE(nn.Module):
     def _check_x(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor, got {type(x).__name__}.")
-        expected = ("B", self.in_channels, *self.img_size)
+        expected = f"(B, {', '.join(str(s) for s in (self.in_channels, *self.img_size))})"
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"image must be (B, C, *spatial) with spatial_dims={self.spatial_dims}, i.e. {expected}; "
@@ -576,7 +578,7 @@ class HierarchicalVAE(nn.Module):
                     zs.append(z)
                 if kl is not None:
                     kls.append(kl)
-        loc, log_scale = self.out(F.gelu(h)).chunk(2, dim=1)
+        loc, log_scale = self.out(F.gelu(h)).float().chunk(2, dim=1)  # likelihood in float32
         scale = torch.exp(log_scale.clamp(min=self.log_scale_min))
         return loc, scale, zs, kls
 

@@ -44,6 +44,7 @@ __all__ = [
     "SCPR_LENGTH_KEY",
     "SCPR_VALID_COLUMNS_KEY",
     "SCPR_CENTERLINE_KEY",
+    "SCPRGeometry",
     "clean_centerline",
     "centerline_length",
     "resample_centerline",
@@ -94,7 +95,9 @@ def clean_centerline(points: Any, name: str = "centerline") -> torch.Tensor:
         pts = torch.as_tensor(np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points,
                                          dtype=np.float64))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be an (N, 3) array of world coordinates in mm, got {type(points).__name__}.") from e
+        raise TypeError(
+            f"{name} must be an (N, 3) array of world coordinates in mm, got {type(points).__name__}."
+        ) from e
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"{name} must have shape (N, 3), got {tuple(pts.shape)}.")
     if not torch.isfinite(pts).all():
@@ -272,7 +275,9 @@ def _check_padding(value: Any) -> float:
     return v
 
 
-def _check_geometry(output_size: Any, spacing: Any, angle: Any, out_dims: Any) -> tuple[tuple[int, int], float, float, int]:
+def _check_geometry(
+    output_size: Any, spacing: Any, angle: Any, out_dims: Any
+) -> tuple[tuple[int, int], float, float, int]:
     try:
         size = tuple(int(s) for s in output_size)
     except TypeError as e:
@@ -320,8 +325,15 @@ def _image_and_affine(img: Any, affine: Any | None, name: str = "img") -> tuple[
 # --------------------------------------------------------------------------------------------
 
 
-class _Plan:
-    """The sampling geometry of one straightening: world grid of the valid columns and metadata."""
+class SCPRGeometry:
+    """The sampling geometry of one straightening (built by :meth:`StraightenCPR.plan`).
+
+    Attributes (float64, CPU): ``grid_world`` (H, Wv, 3) or (H, H, Wv, 3) world mm of the pixels of
+    the ``n_valid = Wv`` columns on the vessel; ``curve`` (Wv, 3) the resampled centreline;
+    ``tangents``, ``normals``, ``binormals`` (Wv, 3) the frames, normal and binormal already
+    rotated by ``angle``; ``length`` the centreline's arc length (mm); ``sample_grid`` the
+    ``grid_sample`` coordinates. :meth:`sample` resamples a volume on it.
+    """
 
     def __init__(self, centerline: Any, affine: torch.Tensor, spatial_shape: Sequence[int], size: tuple[int, int],
                  spacing: float, angle: float, out_dims: int, initial_normal: Any | None) -> None:
@@ -347,7 +359,6 @@ class _Plan:
         self.curve, self.tangents, self.normals, self.binormals = curve, t, n_a, b_a
         self.n_valid, self.size, self.spacing, self.angle, self.out_dims = n_valid, size, spacing, angle, out_dims
         inv = torch.linalg.inv(affine)
-        self._inv = inv
         shape = torch.as_tensor(list(spatial_shape), dtype=torch.float64)
         vox_c = curve @ inv[:3, :3].T + inv[:3, 3]
         outside = ((vox_c < -0.5) | (vox_c > shape - 0.5)).any(1)
@@ -392,6 +403,7 @@ class _Plan:
         return out
 
     def meta(self, record_grid: bool) -> dict[str, Any]:
+        """The ``scpr_*`` metadata of the output (see :class:`StraightenCPR`); grids padded with NaN to W."""
         width = self.size[1]
         pad_shape = (*self.grid_world.shape[:-2], width - self.n_valid, 3)
         nan = torch.full(pad_shape, float("nan"), dtype=torch.float64)
@@ -409,10 +421,11 @@ class _Plan:
         return out
 
     def output_affine(self) -> torch.Tensor:
+        """(4, 4) float64 ``diag(spacing, spacing, spacing, 1)``: the straightened image's pixdim."""
         return torch.diag(torch.tensor([self.spacing] * 3 + [1.0], dtype=torch.float64))
 
 
-def _wrap(out: torch.Tensor, src: torch.Tensor, plan: _Plan, record_grid: bool) -> torch.Tensor:
+def _wrap(out: torch.Tensor, src: torch.Tensor, plan: SCPRGeometry, record_grid: bool) -> torch.Tensor:
     """Make the output a MetaTensor that keeps the input's meta, with the sCPR geometry."""
     if not get_track_meta():
         return out.as_tensor() if isinstance(out, MetaTensor) else out
@@ -425,10 +438,9 @@ def _wrap(out: torch.Tensor, src: torch.Tensor, plan: _Plan, record_grid: bool) 
                       spatial_ndim=plan.out_dims)
 
 
-def _to_float(data: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _to_float(data: torch.Tensor) -> torch.Tensor:
+    """The plain tensor to sample: floating inputs as they are, others as float32."""
     data = data.as_tensor() if isinstance(data, MetaTensor) else data
-    if dtype is not None:
-        return data.to(dtype)
     return data if data.is_floating_point() else data.to(torch.float32)
 
 
@@ -454,13 +466,17 @@ def scpr_to_world(meta: Any, coords: Any) -> torch.Tensor:
     """
     m = meta.meta if isinstance(meta, MetaTensor) else meta
     if not isinstance(m, Mapping) or SCPR_GRID_KEY not in m:
-        raise ValueError(f"meta has no {SCPR_GRID_KEY!r}: pass the output of StraightenCPR(record_grid=True) or its meta.")
+        raise ValueError(
+            f"meta has no {SCPR_GRID_KEY!r}: pass the output of StraightenCPR(record_grid=True) or its meta."
+        )
     grid = torch.as_tensor(m[SCPR_GRID_KEY]).detach().cpu().to(torch.float64)
     nd = grid.ndim - 1
     c = torch.as_tensor(np.asarray(coords.detach().cpu() if isinstance(coords, torch.Tensor) else coords,
                                    dtype=np.float64))
     if c.shape[-1:] != (nd,):
-        raise ValueError(f"coords must have shape (..., {nd}) for a grid of shape {tuple(grid.shape)}, got {tuple(c.shape)}.")
+        raise ValueError(
+            f"coords must have shape (..., {nd}) for a grid of shape {tuple(grid.shape)}, got {tuple(c.shape)}."
+        )
     lead = c.shape[:-1]
     c = c.reshape(-1, nd)
     size = torch.as_tensor(grid.shape[:-1], dtype=torch.float64)
@@ -490,7 +506,8 @@ class StraightenCPR(Transform):
         padding_value: value of output pixels that fall outside the volume or beyond the vessel's end.
         out_dims: 2 for a (C, H, W) plane, 3 for a (C, H, H, W) straightened volume whose second
             spatial axis follows the (rotated) binormal.
-        dtype: output dtype; default: the input's if floating point, else float32.
+        dtype: output dtype (sampling itself runs in floating point; ``torch.uint8`` suits nearest
+            label maps); default: the input's if floating point, else float32.
         initial_normal: optional world vector for the first frame normal (see module docstring).
         record_grid: store the world coordinates of every pixel in ``meta["scpr_grid_world"]``.
 
@@ -527,23 +544,26 @@ class StraightenCPR(Transform):
         initial_normal: Sequence[float] | None = None,
         record_grid: bool = True,
     ) -> None:
-        self.output_size, self.spacing, self.angle, self.out_dims = _check_geometry(output_size, spacing, angle, out_dims)
+        geometry = _check_geometry(output_size, spacing, angle, out_dims)
+        self.output_size, self.spacing, self.angle, self.out_dims = geometry
         self.mode = _check_mode(mode)
         self.padding_value = _check_padding(padding_value)
         self.dtype = dtype
         self.initial_normal = _check_vector(initial_normal, "initial_normal")
         self.record_grid = bool(record_grid)
 
-    def plan(self, centerline: Any, affine: torch.Tensor, spatial_shape: Sequence[int]) -> _Plan:
+    def plan(self, centerline: Any, affine: torch.Tensor, spatial_shape: Sequence[int]) -> SCPRGeometry:
         """Build the sampling geometry (world grid, frames, metadata) without sampling."""
-        return _Plan(centerline, affine, spatial_shape, self.output_size, self.spacing, self.angle,
+        return SCPRGeometry(centerline, affine, spatial_shape, self.output_size, self.spacing, self.angle,
                      self.out_dims, self.initial_normal)
 
     def __call__(self, img: Any, centerline: Any, affine: Any | None = None) -> torch.Tensor:
         data, aff = _image_and_affine(img, affine)
         plan = self.plan(centerline, aff, data.shape[1:])
-        x = _to_float(data, self.dtype)
+        x = _to_float(data)
         out = plan.sample(x, self.mode, torch.full((x.shape[0],), self.padding_value))
+        if self.dtype is not None:
+            out = out.to(self.dtype)
         return _wrap(out, img if isinstance(img, MetaTensor) else data, plan, self.record_grid)
 
 
@@ -626,7 +646,7 @@ class StraightenCPRd(MapTransform):
         plan = self.cpr.plan(_load_centerline_value(d[self.centerline_key]), affine, shape)
         for mode in dict.fromkeys(m for _, m, _, _ in items):  # group keys by mode, first-seen order
             group = [(k, p, t) for k, m, p, t in items if m == mode]
-            xs = [_to_float(tensors[k], t) for k, _, t in group]
+            xs = [_to_float(tensors[k]) for k, _, _ in group]
             dtype = xs[0].dtype
             for x in xs[1:]:
                 dtype = torch.promote_types(dtype, x.dtype)
@@ -634,8 +654,8 @@ class StraightenCPRd(MapTransform):
             pads = torch.cat([torch.full((x.shape[0],), p) for x, (_, p, _) in zip(xs, group)])
             out = plan.sample(stacked, mode, pads)
             start = 0
-            for x, (key, _, _) in zip(xs, group):
-                part = out[start : start + x.shape[0]].to(x.dtype)
+            for x, (key, _, out_dtype) in zip(xs, group):
+                part = out[start : start + x.shape[0]].to(x.dtype if out_dtype is None else out_dtype)
                 start += x.shape[0]
                 d[key] = _wrap(part, d[key], plan, self.cpr.record_grid)
         return d

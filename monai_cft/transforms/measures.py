@@ -93,7 +93,8 @@ def _resolve_structures(structures: Mapping[str, int] | Sequence[str]) -> dict[s
         unknown = [n for n in structures if n not in DEFAULT_STRUCTURES]
         if unknown:
             raise ValueError(
-                f"unknown structure names {unknown}; known: {list(DEFAULT_STRUCTURES)} (or pass a mapping name -> label value)."
+                f"unknown structure names {unknown}; known: {list(DEFAULT_STRUCTURES)} "
+                "(or pass a mapping name -> label value)."
             )
         out = {str(n): DEFAULT_STRUCTURES[n] for n in structures}
     if not out:
@@ -224,7 +225,9 @@ class StructureMeasures(Transform):
                 "the pixel size is unknown: pass a MetaTensor label (or regions) with an affine, or element_size=."
             )
         if isinstance(regions, torch.Tensor) and regions.ndim != nd + 1:
-            raise ValueError(f"regions must be (K, *spatial) for a label of shape {tuple(lab.shape)}, got {tuple(regions.shape)}.")
+            raise ValueError(
+                f"regions must be (K, *spatial) for a label of shape {tuple(lab.shape)}, got {tuple(regions.shape)}."
+            )
         raw = lab.as_tensor() if isinstance(lab, MetaTensor) else lab
         return self.measure_batch(raw.unsqueeze(0), regions, size)[0]
 

@@ -66,8 +66,9 @@ class RegionMasks(Transform):
         boundaries: K - 1 strictly increasing split positions (positional mode); default
             ``(1/3, 2/3)``. Not allowed together with ``region_values``.
         axis: spatial axis to split (negative counts from the last; -1 = W of an sCPR).
-        names: the K region names; ``None`` gives ``("proximal", "mid", "distal")`` for the default
-            boundaries and ``region_<k>`` (positional) / ``region_<value>`` (map) otherwise.
+        names: the K region names; ``None`` gives ``("proximal", "mid", "distal")`` for the split
+            into thirds (fractions ``(1/3, 2/3)``, the default) and ``region_<k>`` (positional) /
+            ``region_<value>`` (map) otherwise.
         units: ``"fraction"`` or ``"mm"``.
         region_values: the region map values, one per region (map mode).
         unlisted: ``"error"`` or ``"ignore"`` for map values not in ``region_values``.
@@ -113,7 +114,8 @@ class RegionMasks(Transform):
             self.region_values = None
             self.boundaries = _check_boundaries(DEFAULT_BOUNDARIES if boundaries is None else boundaries, units)
             count = len(self.boundaries) + 1
-            default_names = list(DEFAULT_REGIONS) if boundaries is None else [f"region_{k}" for k in range(count)]
+            thirds = units == "fraction" and count == 3 and bool(np.allclose(self.boundaries, DEFAULT_BOUNDARIES))
+            default_names = list(DEFAULT_REGIONS) if thirds else [f"region_{k}" for k in range(count)]
         self.names = tuple(default_names if names is None else (str(n) for n in names))
         if len(self.names) != count:
             raise ValueError(f"{count} regions need {count} names, got {len(self.names)}: {list(self.names)}.")
@@ -154,6 +156,8 @@ class RegionMasks(Transform):
         if rmap.is_floating_point():
             if not torch.isfinite(rmap).all() or not torch.equal(rmap, torch.round(rmap)):
                 raise ValueError("the region map must hold integer values (got non-integer or non-finite ones).")
+        else:
+            rmap = rmap.long()  # compare without overflowing small integer dtypes
         vals = torch.tensor(self.region_values, device=rmap.device, dtype=rmap.dtype)
         onehot = rmap.unsqueeze(0) == vals.view(-1, *([1] * rmap.ndim))
         if self.unlisted == "error":
@@ -184,7 +188,8 @@ class RegionMasks(Transform):
             if self.units == "mm":
                 if not isinstance(img, MetaTensor):
                     raise TypeError(
-                        f"units='mm' needs the pixel spacing: pass a MetaTensor with an affine, got {type(img).__name__}."
+                        "units='mm' needs the pixel spacing: pass a MetaTensor with an affine, "
+                        f"got {type(img).__name__}."
                     )
                 if img.affine.ndim != 2 or img.affine.shape[-1] < nd + 1:
                     raise ValueError(f"the affine of shape {tuple(img.affine.shape)} does not cover {nd} spatial dims.")

@@ -330,6 +330,11 @@ def check_prepare_config(config: Mapping[str, Any], preset: str, dataset_dir: st
     missing = [k for k in needed if k not in config]
     if missing:
         raise ValueError(f"prepare_config.json of {str(dataset_dir)!r} lacks {missing}; re-run monai_cft.data.prepare.")
+    if not config["ranges"]:
+        raise ValueError(
+            f"dataset {str(dataset_dir)!r} has no variable ranges (no labelled training cases); the bundle's "
+            "networks are trained on labelled data."
+        )
     prepared = config.get("preset")
     if prepared is not None and prepared != preset:
         raise ValueError(

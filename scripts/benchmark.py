@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Speed benchmarks of monai-cft, one section per part of the pipeline.
+
+    python scripts/benchmark.py --only data --num-cases 100 --workers 2 [--write-docs docs/benchmarks.md]
+
+Each section prints a markdown table; with ``--write-docs`` its table (and the machine it ran on)
+replaces the section's heading block in the given markdown file, leaving the other sections alone.
+Add a section by writing ``def bench_<name>(args) -> str`` (returning markdown) and registering it
+in ``SECTIONS`` with its heading; section-specific options go in ``add_arguments``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    """One markdown line: cores, CPU model, load, Python / torch / MONAI versions."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    versions = [f"Python {platform.python_version()}"]
+    for mod in ("torch", "monai", "numpy", "scipy", "nibabel"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"{cores} cores (nproc), {model}; load average at start {load}; {', '.join(versions)}"
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of finished child processes (the worker pools) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Run ``fn``; return (wall seconds, CPU seconds of this process and its finished children)."""
+    cpu0 = children_cpu_seconds() + self_cpu_seconds()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, children_cpu_seconds() + self_cpu_seconds() - cpu0
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_markdown_section(path: Path, heading: str, body: str) -> None:
+    """Replace the ``## heading`` block of ``path`` (up to the next ``## ``) with ``body``; append if absent."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"## {heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + block
+    from monai_cft.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------
+# section: data generation and preparation
+# --------------------------------------------------------------------------------------------
+
+
+def bench_data(args: argparse.Namespace) -> str:
+    """Cases/s of phantom generation and of sCPR preparation (quick and paper presets).
+
+    Every stage runs twice: once doing all the work (``overwrite``) and once more with every case
+    already done, which costs only the start of the worker pool (importing numpy / MONAI in each
+    worker) and the skip checks. The difference gives the marginal time per case; the
+    extrapolation to ``--target-cases`` is ``start-up + marginal x cases``.
+    """
+    from monai_cft.data.prepare import prepare_dataset
+    from monai_cft.data.synthetic import generate_dataset
+
+    n, workers, target = args.num_cases, args.workers, args.target_cases
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="monai_cft_bench_"))
+    raw = root / "raw"
+    print(f"[data] {n} cases, {workers} workers, in {root}", file=sys.stderr)
+
+    def generate(overwrite: bool) -> None:
+        generate_dataset(raw, n, seed=args.seed, workers=workers, overwrite=overwrite, progress=False)
+
+    def prepare(preset: str, overwrite: bool) -> None:
+        prepare_dataset(raw, root / f"scpr_{preset}", preset=preset, workers=workers, overwrite=overwrite,
+                        progress=False)
+
+    stages: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
+    stages["generate (3D phantoms, NIfTI)"] = (timed(lambda: generate(True)), timed(lambda: generate(False)))
+    for preset in args.presets:
+        stages[f"prepare `{preset}`"] = (timed(lambda p=preset: prepare(p, True)),
+                                         timed(lambda p=preset: prepare(p, False)))
+    size = sum(f.stat().st_size for f in raw.rglob("*") if f.is_file()) / n / 1e6
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+    rows, total = [], {"start": 0.0, "per_case": 0.0, "cpu": 0.0, "wall": 0.0}
+    for name, ((wall, cpu), (wall0, cpu0)) in stages.items():
+        per_case = max(wall - wall0, 1e-9) / n
+        cpu_case = (cpu - cpu0) / n
+        rows.append([name, f"{wall:.1f}", f"{wall0:.1f}", f"{1.0 / per_case:.2f}", f"{cpu_case:.3f}",
+                     f"{wall0 + per_case * target:.0f}"])
+        if not name.startswith("prepare `paper`"):
+            total = {"start": total["start"] + wall0, "per_case": total["per_case"] + per_case,
+                     "cpu": total["cpu"] + cpu_case, "wall": total["wall"] + wall}
+    if "quick" in args.presets:
+        rows.append(["**end to end: generate + prepare `quick`**", f"{total['wall']:.1f}", f"{total['start']:.1f}",
+                     f"{1.0 / total['per_case']:.2f}", f"{total['cpu']:.3f}",
+                     f"**{total['start'] + total['per_case'] * target:.0f}**"])
+    table = markdown_table(
+        ["stage", f"wall s ({n} cases)", "start-up s", "cases/s (marginal)", "CPU s / case",
+         f"extrapolated wall s, {target} cases"], rows)
+    return (
+        f"`python scripts/benchmark.py --only data --num-cases {n} --workers {workers}` on "
+        f"{machine_description()}.\n\n{table}\n\n"
+        "Each stage runs twice: doing all the work, then again with every case done, which measures the "
+        "start-up (spawning the workers, each importing numpy / MONAI, plus the skip checks). cases/s is "
+        "the marginal rate, (wall - start-up) / cases; the extrapolation is start-up + cases / rate. "
+        "CPU s / case is the marginal user + system time of all processes: it does not depend on other "
+        "jobs sharing the machine (on idle cores, wall ~ CPU s / case x cases / workers). "
+        f"Raw dataset on disk: {size:.1f} MB per case (NIfTI, gzip level 1)."
+    )
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data section")
+    group.add_argument("--num-cases", type=int, default=100, help="cases to generate and prepare (default 100)")
+    group.add_argument("--target-cases", type=int, default=1000, help="extrapolate the time for this many cases")
+    group.add_argument("--presets", nargs="+", default=["quick", "paper"], choices=["quick", "paper"])
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--keep", default=None, help="keep the generated data in this folder")
+
+
+# --------------------------------------------------------------------------------------------
+# registry and CLI
+# --------------------------------------------------------------------------------------------
+
+#: section name -> (markdown heading, benchmark function, argument adder)
+SECTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], str], Callable[[argparse.ArgumentParser], None]]] = {
+    "data": ("Data generation and preparation", bench_data, _data_arguments),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=None,
+                        help="sections to run (default: all)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes where a section uses them")
+    parser.add_argument("--write-docs", default=None, metavar="MD", help="update this markdown file's sections")
+    for _, _, add in SECTIONS.values():
+        add(parser)
+    args = parser.parse_args(argv)
+    for name in args.only or list(SECTIONS):
+        heading, fn, _ = SECTIONS[name]
+        body = fn(args)
+        print(f"## {heading}\n\n{body}\n")
+        if args.write_docs:
+            update_markdown_section(Path(args.write_docs), heading, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

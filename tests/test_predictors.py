@@ -1,0 +1,68 @@
+"""Tests of the segmentors and the parent regressor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from monai_cft.networks.predictors import ParentRegressor, build_segmentor, gaussian_nll, segmentor_divisor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("arch", ["unet", "segresnet"])
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 192)), (2, (64, 384)), (3, (16, 16, 64))])
+def test_segmentor_shapes(arch, spatial_dims, size):
+    net = build_segmentor(spatial_dims, arch, img_size=size).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 1, *size) * 2 - 1)
+    assert out.shape == (1, 4, *size)
+
+
+def test_segmentor_options_and_errors():
+    net = build_segmentor(2, "unet", channels=(8, 16, 32), out_channels=3)
+    assert net(torch.zeros(1, 1, 32, 64)).shape == (1, 3, 32, 64)
+    assert segmentor_divisor("unet") == 8 and segmentor_divisor("segresnet") == 8
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_segmentor(2, "unet", img_size=(36, 192))
+    with pytest.raises(ValueError, match="unknown segmentor arch 'vnet'"):
+        build_segmentor(2, "vnet")
+    with pytest.raises(ValueError, match="spatial_dims"):
+        build_segmentor(4)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 192)), (3, (16, 16, 64))])
+def test_regressor_shapes(spatial_dims, size):
+    reg = ParentRegressor(spatial_dims, num_outputs=9, logvar_range=(-5.0, 2.0))
+    out = reg(torch.rand(3, 1, *size))
+    assert out.shape == (3, 18)
+    mean, logvar = reg.split(out)
+    assert mean.shape == logvar.shape == (3, 9)
+    assert logvar.min() >= -5.0 and logvar.max() <= 2.0
+    with pytest.raises(ValueError, match="spatial dims"):
+        reg(torch.rand(3, 1, 32))
+
+
+def test_gaussian_nll():
+    pred = torch.cat([torch.randn(4, 3), torch.randn(4, 3)], dim=1)
+    target = torch.randn(4, 3)
+    mean, logvar = pred.chunk(2, 1)
+    ref = torch.nn.functional.gaussian_nll_loss(mean, target, logvar.exp(), full=True, reduction="none")
+    assert torch.allclose(gaussian_nll(pred, target, reduction="none"), ref, atol=1e-5)
+    assert gaussian_nll(pred, target).item() == pytest.approx(ref.mean().item(), rel=1e-5)
+    assert gaussian_nll(pred, target, "sum").item() == pytest.approx(ref.sum().item(), rel=1e-5)
+    # minimised at the target with a small variance
+    exact = torch.cat([target, torch.full_like(target, -4.0)], dim=1)
+    assert gaussian_nll(exact, target).item() == pytest.approx(0.5 * (-4.0 + math.log(2 * math.pi)))
+    with pytest.raises(ValueError, match="target"):
+        gaussian_nll(pred, target[:, :2])
+    with pytest.raises(ValueError, match="reduction"):
+        gaussian_nll(pred, target, "max")
