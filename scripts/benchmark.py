@@ -130,22 +130,25 @@ def bench_data(args: argparse.Namespace) -> str:
 
         shutil.rmtree(root, ignore_errors=True)
 
-    rows, total = [], {"start": 0.0, "per_case": 0.0, "cpu": 0.0, "wall": 0.0}
+    rows = []
+    total = {"start": 0.0, "per_case": 0.0, "cpu": 0.0, "cpu0": 0.0, "wall": 0.0}
     for name, ((wall, cpu), (wall0, cpu0)) in stages.items():
         per_case = max(wall - wall0, 1e-9) / n
         cpu_case = (cpu - cpu0) / n
+        idle = (cpu0 + cpu_case * target) / max(workers, 1)
         rows.append([name, f"{wall:.1f}", f"{wall0:.1f}", f"{1.0 / per_case:.2f}", f"{cpu_case:.3f}",
-                     f"{wall0 + per_case * target:.0f}"])
+                     f"{wall0 + per_case * target:.0f}", f"{idle:.0f}"])
         if not name.startswith("prepare `paper`"):
-            total = {"start": total["start"] + wall0, "per_case": total["per_case"] + per_case,
-                     "cpu": total["cpu"] + cpu_case, "wall": total["wall"] + wall}
+            for key, value in zip(("start", "per_case", "cpu", "cpu0", "wall"), (wall0, per_case, cpu_case, cpu0, wall)):
+                total[key] += value
     if "quick" in args.presets:
+        idle = (total["cpu0"] + total["cpu"] * target) / max(workers, 1)
         rows.append(["**end to end: generate + prepare `quick`**", f"{total['wall']:.1f}", f"{total['start']:.1f}",
                      f"{1.0 / total['per_case']:.2f}", f"{total['cpu']:.3f}",
-                     f"**{total['start'] + total['per_case'] * target:.0f}**"])
+                     f"**{total['start'] + total['per_case'] * target:.0f}**", f"**{idle:.0f}**"])
     table = markdown_table(
         ["stage", f"wall s ({n} cases)", "start-up s", "cases/s (marginal)", "CPU s / case",
-         f"extrapolated wall s, {target} cases"], rows)
+         f"extrapolated wall s, {target} cases", f"projected wall s on idle cores, {target} cases"], rows)
     return (
         f"`python scripts/benchmark.py --only data --num-cases {n} --workers {workers}` on "
         f"{machine_description()}.\n\n{table}\n\n"
@@ -153,7 +156,8 @@ def bench_data(args: argparse.Namespace) -> str:
         "start-up (spawning the workers, each importing numpy / MONAI, plus the skip checks). cases/s is "
         "the marginal rate, (wall - start-up) / cases; the extrapolation is start-up + cases / rate. "
         "CPU s / case is the marginal user + system time of all processes: it does not depend on other "
-        "jobs sharing the machine (on idle cores, wall ~ CPU s / case x cases / workers). "
+        "jobs sharing the machine; the projection for idle cores is (start-up CPU s + CPU s / case x cases) "
+        "/ workers. "
         f"Raw dataset on disk: {size:.1f} MB per case (NIfTI, gzip level 1)."
     )
 

@@ -129,6 +129,9 @@ def _env() -> dict:
 
 
 def _cli(run_id: str, configs: list[str], overrides: dict) -> list[str]:
+    import importlib.util
+
+    assert importlib.util.find_spec("fire") is not None, "`python -m monai.bundle` needs the package 'fire'"
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr([str(CONFIGS / c) for c in configs])]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]

@@ -45,7 +45,8 @@ def trained():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 5.0  # exact likelihood training works
+    # exact likelihood training works: from standard normals (about 4 x 1.2 nats) to well below
+    assert losses[-1] < losses[0] - 2.0
     return mech.eval(), scm_data(64, g)
 
 
@@ -65,6 +66,14 @@ def test_topological_order_and_graph_errors():
         AttributeMechanisms(["a", "ab"], {"ab": "a"})
     with pytest.raises(ValueError, match="unique"):
         AttributeMechanisms(["a", "a"])
+
+
+def test_flows_start_as_identity():
+    mech = AttributeMechanisms(VARS, GRAPH).eval()
+    values = torch.rand(16, 4) * 2 - 1
+    assert torch.allclose(mech.abduct(values), values, atol=1e-6)
+    ref = torch.distributions.Normal(0.0, 1.0).log_prob(values)
+    assert torch.allclose(mech.log_prob_per_variable(values), ref, atol=1e-5)
 
 
 def test_invertibility_and_log_prob(trained):

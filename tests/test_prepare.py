@@ -128,6 +128,8 @@ def test_interrupted_case_leaves_no_marker_and_resumes(raw_dir, tmp_path, monkey
     assert not (out / "prepare_config.json").exists()
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
     monkeypatch.setattr(prepare_module, "save_nifti", real)
+    with pytest.raises(ValueError, match="other settings"):  # the unfinished folder remembers its settings
+        prepare_dataset(raw_dir, out, preset="paper", workers=0, progress=False)
     config = prepare_dataset(raw_dir, out, preset="quick", workers=0, progress=False)
     assert (config["_stats"]["prepared"], config["_stats"]["skipped"]) == (2, 1)
 

@@ -139,7 +139,7 @@ class DSCMTrainer(Trainer):
         beta: final KL weight; ``beta_warmup_steps``: HVAE iterations of the linear warm-up from 0.
         ema: an existing :class:`~monai_cft.engines.common.ModelEMA` of ``network`` (share it with
             the evaluator); default: one is created with ``ema_decay``.
-        ema_decay: decay of the created EMA.
+        ema_decay: decay of the created EMA (with the decay warm-up of :class:`ModelEMA`).
         grad_clip, grad_skip: HVAE gradient-norm clip and skip thresholds (causal-gen: 350 / 500).
         flow_grad_clip, flow_grad_skip: the same for the flows (default 100 / ``None`` = only
             non-finite norms skip).

@@ -59,6 +59,23 @@ def topological_order(variables: Sequence[str], graph: Mapping[str, Sequence[str
     return order
 
 
+def _identity_init(flow: nn.Module) -> None:
+    """Start a zuko spline flow as the identity (a standard-normal density in normalised units).
+
+    zuko draws the parameters of an unconditional spline from a standard normal, which makes the
+    initial density of a root arbitrary (log-densities of -10 nats inside [-1, 1] are common).
+    Zero spline parameters give the identity spline; for a conditional flow the last layer of each
+    conditioner MLP is zeroed, so that it starts as the identity for every context and still
+    receives gradients.
+    """
+    for transform in flow.transform.transforms:
+        linears = [m for m in transform.modules() if isinstance(m, nn.Linear)]
+        params = [linears[-1].weight, linears[-1].bias] if linears else list(transform.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+
+
 class AttributeMechanisms(nn.Module):
     """Conditional normalising flows for the scalar variables of a causal graph.
 
@@ -72,6 +89,8 @@ class AttributeMechanisms(nn.Module):
             :meth:`log_prob` in training mode. Zero-inflated variables (no plaque: exactly the range
             minimum) are point masses whose density is unbounded; spreading them over a small
             interval keeps the likelihood finite. 0 disables it.
+
+    Every flow starts as the identity map (standard-normal densities), see :func:`_identity_init`.
 
     Attributes:
         order: variable indices in causal order. ``parent_index``: per variable, the column indices
@@ -110,6 +129,8 @@ class AttributeMechanisms(nn.Module):
             )
             for pa in self.parent_index
         )
+        for flow in self.flows:
+            _identity_init(flow)
         self.config: dict[str, Any] = {
             "variables": variables,
             "graph": graph,
