@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from monai_cft.data.presets import HU_WINDOW
-from monai_cft.transforms.measures import measure_structures
+from monai_cft.engines.common import as_plain_tensor
+from monai_cft.metrics.effectiveness import measure_with_segmentor
 
 __all__ = [
     "parse_intervention",
@@ -182,7 +183,8 @@ def load_regressor(path: str | os.PathLike, expect: Mapping[str, Any] | None = N
 
 
 def _as_plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    """A plain tensor (``MetaTensor`` metadata dropped; arrays converted)."""
+    return torch.as_tensor(as_plain_tensor(x))
 
 
 def _affine4(affine: Any, spatial_dims: int) -> torch.Tensor:
@@ -326,7 +328,7 @@ class CounterfactualPipeline:
                 raise FileNotFoundError(f"image file {str(image)!r} does not exist.")
             img = LoadImage(image_only=True, ensure_channel_first=True)(str(image))
         elif isinstance(image, (torch.Tensor, np.ndarray)):
-            img = image if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image))
+            img = image if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
         else:
             raise TypeError(f"image must be a file path, a numpy array or a tensor, got {type(image).__name__}.")
         if centerline is not None:
@@ -335,7 +337,9 @@ class CounterfactualPipeline:
             if img.ndim == 3:
                 img = img.unsqueeze(0)
             if img.ndim != 4:
-                raise ValueError(f"with a centreline the image must be a 3D volume (X, Y, Z), got shape {tuple(img.shape)}.")
+                raise ValueError(
+                    f"with a centreline the image must be a 3D volume (X, Y, Z), got shape {tuple(img.shape)}."
+                )
             if isinstance(centerline, (str, os.PathLike)):
                 from monai_cft.data.io import load_centerline
 
@@ -363,9 +367,9 @@ class CounterfactualPipeline:
     @torch.no_grad()
     def measure(self, x_unit: torch.Tensor, region_masks: torch.Tensor) -> torch.Tensor:
         """Variables measured by the segmentor on (B, 1, *spatial) images in [-1, 1]: (B, V) physical units."""
-        probs = torch.softmax(self.segmentor(x_unit.to(self.device)).float(), dim=1)
-        areas = measure_structures(
-            probs, region_masks.to(self.device), list(self.structures.values()), self.spacing**self.spatial_dims
+        areas = measure_with_segmentor(
+            self.segmentor, x_unit.to(self.device), region_masks.to(self.device), list(self.structures.values()),
+            self.spacing**self.spatial_dims,
         )
         return areas.flatten(1)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["region_boundaries", "format_values", "plot_counterfactual_panel"]
+__all__ = ["region_boundaries", "format_values", "plot_counterfactual_panel", "save_fig1"]
 
 
 def _to_2d(img: Any, name: str) -> np.ndarray:
@@ -119,6 +119,122 @@ def plot_counterfactual_panel(
     axes[-1].set_xlabel("along the vessel (mm)" if spacing is not None else "column (pixels)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=8)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
+
+
+def _fig1_case(
+    variables: torch.Tensor, columns: Sequence[int], ranges: Sequence[tuple[float, float]], delta: float
+) -> int:
+    """Index of the first case whose target ``v + delta`` lies inside the observed range in every region (else 0)."""
+    v = variables[:, list(columns)]
+    lo = torch.tensor([r[0] for r in ranges], dtype=v.dtype, device=v.device)
+    hi = torch.tensor([r[1] for r in ranges], dtype=v.dtype, device=v.device)
+    ok = ((v + delta >= lo) & (v + delta <= hi)).all(1)
+    return int(ok.nonzero()[0]) if bool(ok.any()) else 0
+
+
+@torch.no_grad()
+def save_fig1(
+    scm: Any,
+    segmentor: Any,
+    data: Mapping[str, Any],
+    config: Mapping[str, Any],
+    delta: float = 20.0,
+    mode: str | None = None,
+    path: str | os.PathLike = "fig1.png",
+    noise_temperature: float | None = None,
+    structure: str = "calcified",
+    case_index: int | None = None,
+    dpi: int = 150,
+) -> Path:
+    """Fig. 1 of the positional paper: ``do(<structure>_<region> += delta)`` for every region of one case.
+
+    Rows: the factual image, then one row per region with the counterfactual (left) and its
+    difference map (right); region boundaries are dashed vertical lines and each row's title gives
+    the intended and the segmentor-measured value of the intervened variable.
+
+    Args:
+        scm: a :class:`~monai_cft.networks.dscm.DeepSCM` (put in eval mode here).
+        segmentor: measures the intervened variable on the counterfactuals (logits (B, C, *spatial)).
+        data: ``images`` (N, 1, H, W) in [-1, 1], ``variables`` (N, V) physical units,
+            ``region_masks`` (K, H, W) or (N, K, H, W), ``element_size`` (pixel area, mm^2) and
+            optionally ``ids``.
+        config: the prepared dataset's config (``variables``, ``regions``, ``structures``,
+            ``ranges``, optional ``hu_window``).
+        delta: change of the intervened variable (mm^2); targets beyond the observed range are
+            extrapolated (the case is chosen so that they are not, when one exists).
+        mode: CFT mode, shown in the title.
+        path: PNG file (written atomically).
+        noise_temperature: factor on the abducted pixel noise (``None``: 1, exact abduction).
+        structure: the intervened structure.
+        case_index: which case to show (default: the first whose targets are all in range).
+        dpi: resolution.
+
+    Returns:
+        the written path.
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from monai_cft.data.io import atomic_path
+    from monai_cft.metrics.effectiveness import measure_with_segmentor
+
+    names, regions = list(config["variables"]), list(config["regions"])
+    window = tuple(config.get("hu_window", (-300.0, 1100.0)))
+    hu = lambda t: (t + 1.0) * 0.5 * (window[1] - window[0]) + window[0]  # noqa: E731
+    columns = [names.index(f"{structure}_{r}") for r in regions]
+    images, variables = data["images"], data["variables"]
+    i = case_index if case_index is not None else _fig1_case(
+        variables, columns, [config["ranges"][names[c]] for c in columns], delta
+    )
+    x, pa = images[i : i + 1], variables[i : i + 1]
+    masks = data["region_masks"]
+    masks = masks[i] if masks.ndim == x.ndim else masks
+    channel = int(dict(config["structures"])[structure])
+    scm.eval()
+    rows = []
+    for region, col in zip(regions, columns):
+        target = float(pa[0, col]) + float(delta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # out-of-range targets are reported in the titles
+            out = scm.counterfactual(
+                x, pa, {names[col]: target}, noise_temperature=1.0 if noise_temperature is None else noise_temperature,
+                allow_extrapolation=True,
+            )
+        measured = measure_with_segmentor(segmentor, out["x_cf"], masks, [channel], data.get("element_size", 1.0))
+        k = regions.index(region)
+        rows.append((region, target, float(measured[0, 0, k]), hu(out["x_cf"][0, 0]).cpu().numpy()))
+    factual = hu(x[0, 0]).cpu().numpy()
+    diffs = [r[3] - factual for r in rows]
+    lim = max(float(np.abs(d).max()) for d in diffs) or 1.0
+    bounds = region_boundaries(masks)
+    h, w = factual.shape
+    fig = Figure(figsize=(12.0, 1.0 + 1.3 * (len(rows) + 1) * max(1.0, 6.0 * h / w)), layout="constrained")
+    axes = fig.subplots(len(rows) + 1, 2, squeeze=False)
+    axes[0, 0].imshow(factual, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    axes[0, 0].set_title(f"factual (case {data.get('ids', [str(i)] * (i + 1))[i]})", fontsize=8)
+    axes[0, 1].axis("off")
+    for row, ((region, target, measured, cf), diff) in enumerate(zip(rows, diffs), start=1):
+        axes[row, 0].imshow(cf, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        im = axes[row, 1].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[row, 0].set_title(
+            f"do({structure}_{region} += {delta:g} mm²): intended {target:.1f}, measured {measured:.1f}", fontsize=8
+        )
+        axes[row, 1].set_title("difference (HU)", fontsize=8)
+    fig.colorbar(im, ax=axes[1:, 1], fraction=0.03, pad=0.01).set_label("HU", fontsize=7)
+    for ax in axes.flat:
+        if ax.has_data():
+            for b in bounds:
+                ax.axvline(b, color="gold", linestyle="--", linewidth=0.8)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(f"{structure} +{delta:g} mm² per region" + (f" [{mode}]" if mode else ""), fontsize=9)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

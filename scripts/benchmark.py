@@ -99,8 +99,8 @@ def update_markdown_section(path: Path, heading: str, body: str) -> None:
 def bench_data(args: argparse.Namespace) -> str:
     """Cases/s of phantom generation and of sCPR preparation (quick and paper presets).
 
-    Every stage runs twice: once doing all the work (``overwrite``) and once more with every case
-    already done, which costs only the start of the worker pool (importing numpy / MONAI in each
+    Every stage runs three times: once doing all the work (``overwrite``) and twice more with every
+    case already done, which costs only the start of the worker pool (importing numpy / MONAI in each
     worker) and the skip checks. The difference gives the marginal time per case; the
     extrapolation to ``--target-cases`` is ``start-up + marginal x cases``.
     """
@@ -119,11 +119,15 @@ def bench_data(args: argparse.Namespace) -> str:
         prepare_dataset(raw, root / f"scpr_{preset}", preset=preset, workers=workers, overwrite=overwrite,
                         progress=False)
 
+    def full_and_startup(fn: Callable[[bool], None]) -> tuple[tuple[float, float], tuple[float, float]]:
+        full = timed(lambda: fn(True))
+        skips = [timed(lambda: fn(False)) for _ in range(2)]  # start-up is noisy: mean of two
+        return full, (sum(s[0] for s in skips) / 2, sum(s[1] for s in skips) / 2)
+
     stages: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
-    stages["generate (3D phantoms, NIfTI)"] = (timed(lambda: generate(True)), timed(lambda: generate(False)))
+    stages["generate (3D phantoms, NIfTI)"] = full_and_startup(generate)
     for preset in args.presets:
-        stages[f"prepare `{preset}`"] = (timed(lambda p=preset: prepare(p, True)),
-                                         timed(lambda p=preset: prepare(p, False)))
+        stages[f"prepare `{preset}`"] = full_and_startup(lambda overwrite, p=preset: prepare(p, overwrite))
     size = sum(f.stat().st_size for f in raw.rglob("*") if f.is_file()) / n / 1e6
     if not args.keep:
         import shutil
@@ -152,8 +156,9 @@ def bench_data(args: argparse.Namespace) -> str:
     return (
         f"`python scripts/benchmark.py --only data --num-cases {n} --workers {workers}` on "
         f"{machine_description()}.\n\n{table}\n\n"
-        "Each stage runs twice: doing all the work, then again with every case done, which measures the "
-        "start-up (spawning the workers, each importing numpy / MONAI, plus the skip checks). cases/s is "
+        "Each stage runs three times: doing all the work, then twice with every case done, which measures "
+        "the start-up (spawning the workers, each importing numpy / MONAI, plus the skip checks; the mean "
+        "of the two). cases/s is "
         "the marginal rate, (wall - start-up) / cases; the extrapolation is start-up + cases / rate. "
         "CPU s / case is the marginal user + system time of all processes: it does not depend on other "
         "jobs sharing the machine; the projection for idle cores is (start-up CPU s + CPU s / case x cases) "

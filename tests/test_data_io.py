@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_cft.data._parallel import parallel_map
 from monai_cft.data.datalist import make_datalist, split_ids
 from monai_cft.data.io import (
     atomic_path,
@@ -317,3 +319,12 @@ def test_generate_dataset_layout_and_rerender(tmp_path):
     assert again["_stats"] == {"rendered": 0, "skipped": 4}
     with pytest.raises(ValueError, match="num_cases"):
         generate_dataset(tmp_path, num_cases=0)
+
+
+def test_parallel_map_keeps_order_and_propagates_errors():
+    assert list(parallel_map(math.sqrt, [4.0, 9.0, 16.0], workers=2, progress=False)) == [2.0, 3.0, 4.0]
+    assert list(parallel_map(math.sqrt, [4.0, 9.0], workers=0, progress=False)) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="math domain"):
+        list(parallel_map(math.sqrt, [4.0, -1.0, 9.0], workers=2, progress=False))
+    with pytest.raises(ValueError, match="workers"):
+        list(parallel_map(math.sqrt, [4.0], workers=-1, progress=False))

@@ -261,3 +261,24 @@ def test_inference_bundle_writes_outputs(env, finetuned, tmp_path):
     values = json.loads((out / f"{item['id']}_values.json").read_text())
     assert values["mode"] == "seg"
     assert values["intervention"]["calcified_proximal"] == pytest.approx(item["calcified_proximal"] + 0.5)
+
+
+def test_fig1_panel(env, tmp_path):
+    from monai.transforms import LoadImage
+
+    from monai_cft.transforms.regions import RegionMasks
+    from monai_cft.visualize import save_fig1
+
+    items = json.loads((env["scpr"] / "dataset.json").read_text())["training"]
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    images = torch.stack([hu_to_unit(load(str(env["scpr"] / it["image"])).as_tensor().float()) for it in items])
+    data = {
+        "images": images,
+        "variables": torch.tensor([it["variables"] for it in items]),
+        "region_masks": RegionMasks()(torch.zeros(1, 32, 192)).as_tensor(),
+        "element_size": SPACING**2,
+        "ids": [it["id"] for it in items],
+    }
+    seg = load_segmentor(env["models"] / "segmentor_guidance.pt")
+    path = save_fig1(env["dscm"], seg, data, env["prep"], delta=1.0, mode="none", path=tmp_path / "fig1.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

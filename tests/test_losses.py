@@ -194,3 +194,15 @@ def test_bad_input_errors():
         loss_fn(_probs(), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="2V"):
         RegressorGuidanceLoss(LinearRegressor(3, 0.0), 4, "l1")(torch.zeros(1, 1, 2, 2), torch.zeros(1, 4))
+
+
+def test_per_call_region_masks_override_stored_ones():
+    loss_fn = SegmentorGuidanceLoss(ScaledIdentity(), STRUCTURES, _thirds(), "l1", element_size=0.25, softmax=False)
+    x = _probs().repeat(2, 1, 1, 1)
+    target = torch.zeros(2, 9)
+    per_case = _thirds()[None].repeat(2, 1, 1, 1)
+    assert torch.allclose(loss_fn(x, target, region_masks=per_case), loss_fn(x, target))
+    swapped = per_case.flip(1)  # distal <-> proximal masks: the measured areas follow the masks
+    assert torch.allclose(loss_fn.measure(x, swapped)[0], AREAS.flip(1).flatten())
+    with pytest.raises(ValueError, match="expected 3 region masks"):
+        loss_fn(x, target, region_masks=torch.ones(2, 1, 4, 6))

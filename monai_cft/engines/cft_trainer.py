@@ -328,7 +328,7 @@ class CFTTrainer(Trainer):
         return {f"dscm.{prefix}{n}": p for n, p in self.hvae.named_parameters()}
 
     def frozen_parameters(self) -> dict[str, nn.Parameter]:
-        """Parameters that never change: the attribute flows (and any other non-HVAE DSCM part) and the guidance network."""
+        """Parameters that never change: the attribute flows (any non-HVAE DSCM part) and the guidance network."""
         trained = {id(p) for p in self.hvae.parameters()}
         out = {f"dscm.{n}": p for n, p in self.dscm.named_parameters() if id(p) not in trained}
         if self.guidance_loss is not None:

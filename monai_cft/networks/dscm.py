@@ -126,9 +126,15 @@ class ParentNormalizer(nn.Module):
         values = self._check(values, False, allow_extrapolation)
         return 2.0 * (values - self.low) / (self.high - self.low) - 1.0
 
-    def denormalize(self, values: torch.Tensor, allow_extrapolation: bool | None = None) -> torch.Tensor:
-        """Normalised (V,) or (B, V) values -> physical units (same shape), validated."""
-        values = self._check(values, True, allow_extrapolation)
+    def denormalize(
+        self, values: torch.Tensor, allow_extrapolation: bool | None = None, validate: bool = True
+    ) -> torch.Tensor:
+        """Normalised (V,) or (B, V) values -> physical units (same shape).
+
+        ``validate=False`` skips the range / NaN checks (for values this module produced itself).
+        """
+        if validate:
+            values = self._check(values, True, allow_extrapolation)
         return (values + 1.0) * 0.5 * (self.high - self.low) + self.low
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -246,7 +252,9 @@ class DeepSCM(nn.Module):
             k = self.variables.index(name)
             value = torch.as_tensor(value, dtype=torch.float32, device=device)
             if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != batch):
-                raise ValueError(f"intervention on {name!r} must be a float or a ({batch},) tensor, got {tuple(value.shape)}.")
+                raise ValueError(
+                    f"intervention on {name!r} must be a float or a ({batch},) tensor, got {tuple(value.shape)}."
+                )
             values[:, k] = value
             mask[:, k] = True
         values_norm = self.normalizer.normalize(values, allow_extrapolation=allow_extrapolation)
@@ -296,7 +304,7 @@ class DeepSCM(nn.Module):
         stack = torch.stack(particles)
         result = {
             "x_cf": stack.mean(0),
-            "parents_cf": self.normalizer.denormalize(pa_cf_norm, allow_extrapolation=True),
+            "parents_cf": self.normalizer.denormalize(pa_cf_norm, validate=False),  # targets were checked
             "parents_cf_norm": pa_cf_norm,
         }
         if num_particles > 1:

@@ -69,8 +69,9 @@ def _identity_init(flow: nn.Module) -> None:
     receives gradients.
     """
     for transform in flow.transform.transforms:
-        linears = [m for m in transform.modules() if isinstance(m, nn.Linear)]
-        params = [linears[-1].weight, linears[-1].bias] if linears else list(transform.parameters())
+        # zuko has its own Linear (not an nn.Linear subclass): find layers by their 2D weight
+        layers = [m for m in transform.modules() if getattr(getattr(m, "weight", None), "ndim", 0) == 2]
+        params = list(layers[-1].parameters()) if layers else list(transform.parameters())
         with torch.no_grad():
             for p in params:
                 p.zero_()
@@ -234,7 +235,8 @@ class AttributeMechanisms(nn.Module):
         """
         self._check(values)
         if not isinstance(intervene_mask, torch.Tensor) or intervene_mask.dtype != torch.bool:
-            raise TypeError(f"intervene_mask must be a bool tensor, got {getattr(intervene_mask, 'dtype', type(intervene_mask))}.")
+            got = getattr(intervene_mask, "dtype", type(intervene_mask).__name__)
+            raise TypeError(f"intervene_mask must be a bool tensor, got {got}.")
         if intervene_mask.shape != values.shape or not isinstance(intervene_values, torch.Tensor) or (
             intervene_values.shape != values.shape
         ):

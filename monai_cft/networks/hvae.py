@@ -128,12 +128,13 @@ def discretized_gaussian_nll(
     return -log_mass
 
 
-def _per_axis(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+def _expand(value: int | Sequence[int], n: int, name: str, per: str = "spatial axis") -> tuple[int, ...]:
+    """``value`` as ``n`` ints: an int is repeated, a sequence must have ``n`` entries (one per ``per``)."""
     if isinstance(value, int):
-        return (value,) * spatial_dims
+        return (value,) * n
     value = tuple(int(v) for v in value)
-    if len(value) != spatial_dims:
-        raise ValueError(f"{name} needs {spatial_dims} entries (one per spatial axis), got {value}.")
+    if len(value) != n:
+        raise ValueError(f"{name} needs {n} entries (one per {per}), got {value}.")
     return value
 
 
@@ -164,7 +165,7 @@ def resolve_strides(
         if strides is None:
             factor = tuple(2 if s % 2 == 0 else 1 for s in size)
         else:
-            factor = _per_axis(strides[level], nd, f"strides[{level}]")
+            factor = _expand(strides[level], nd, f"strides[{level}]")
             bad = [(s, f) for s, f in zip(size, factor) if f < 1 or s % f != 0]
             if bad:
                 raise ValueError(
@@ -181,15 +182,6 @@ def level_sizes(img_size: Sequence[int], strides: Sequence[Sequence[int]]) -> li
     for factor in strides:
         sizes.append(tuple(s // f for s, f in zip(sizes[-1], factor)))
     return sizes
-
-
-def _per_level(value: int | Sequence[int], num_levels: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * num_levels
-    value = tuple(int(v) for v in value)
-    if len(value) != num_levels:
-        raise ValueError(f"{name} needs one entry per level ({num_levels}, as widths), got {value}.")
-    return value
 
 
 class _ConvBlock(nn.Module):
@@ -347,15 +339,15 @@ class HierarchicalVAE(nn.Module):
         if not widths or min(widths) < 1:
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}.")
         n_levels = len(widths)
-        blocks = _per_level(blocks_per_level, n_levels, "blocks_per_level")
-        z_dims = _per_level(z_dim, n_levels, "z_dim")
+        blocks = _expand(blocks_per_level, n_levels, "blocks_per_level", "level of widths")
+        z_dims = _expand(z_dim, n_levels, "z_dim", "level of widths")
         if min(blocks) < 0 or min(z_dims) < 1:
             raise ValueError(f"blocks_per_level must be >= 0 and z_dim >= 1, got {blocks} and {z_dims}.")
         if not 0.0 < bottleneck <= 4.0:
             raise ValueError(f"bottleneck must be in (0, 4], got {bottleneck}.")
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0, got {free_bits}.")
-        z_limit = _per_axis(z_max_res, spatial_dims, "z_max_res")
+        z_limit = _expand(z_max_res, spatial_dims, "z_max_res")
         resolved = resolve_strides(img_size, n_levels, strides)
         self.sizes = level_sizes(img_size, resolved)
         self.stochastic = [all(s <= m for s, m in zip(size, z_limit)) and b > 0 for size, b in zip(self.sizes, blocks)]
@@ -473,7 +465,9 @@ class HierarchicalVAE(nn.Module):
                 raise ValueError(f"checkpoint is from HVAE preset {theirs!r} but this model is preset {ours!r}.")
             return
         diffs = {
-            k: (other.get(k), self.config[k]) for k in ARCH_KEYS if _normalise(other.get(k)) != _normalise(self.config[k])
+            k: (other.get(k), self.config[k])
+            for k in ARCH_KEYS
+            if _normalise(other.get(k)) != _normalise(self.config[k])
         }
         if diffs:
             detail = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())

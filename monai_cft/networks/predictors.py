@@ -141,7 +141,8 @@ class ParentRegressor(nn.Module):
         """Predict (B, 2V): means then clamped log-variances of the normalised variables."""
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"expected (B, {self.in_channels}, *spatial) with {self.spatial_dims} spatial dims, got {tuple(x.shape)}."
+                f"expected (B, {self.in_channels}, *spatial) with {self.spatial_dims} spatial dims, "
+                f"got {tuple(x.shape)}."
             )
         mean, logvar = self.trunk(x).chunk(2, dim=1)
         return torch.cat([mean, logvar.clamp(*self.logvar_range)], dim=1)

@@ -13,6 +13,7 @@ often enough for the level sizes to stay integral.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,19 +89,9 @@ def build_hvae(
     return net
 
 
-_ARGS = (
-    "widths",
-    "blocks_per_level",
-    "z_dim",
-    "z_max_res",
-    "strides",
-    "bottleneck",
-    "embed_dim",
-    "cond_prior",
-    "free_bits",
-    "log_scale_min",
-    "num_bins",
-)
+#: HierarchicalVAE arguments a preset may set or a caller may override (all but the data
+#: arguments spatial_dims, in_channels, img_size, num_parents and the preset name).
+_ARGS = tuple(inspect.signature(HierarchicalVAE).parameters)[4:-1]
 
 
 def match_preset(
