@@ -28,7 +28,62 @@ from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import summarize
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
 
-__all__ = ["evaluate_counterfactuals", "CounterfactualEvaluation"]
+__all__ = ["evaluate_counterfactuals", "load_split_tensors", "segmentor_features", "CounterfactualEvaluation"]
+
+
+def load_split_tensors(dataset_dir: str | os.PathLike, split: str, max_cases: int | None = None,
+                       device: str | torch.device = "cpu") -> dict:
+    """Load one split of a prepared sCPR dataset into memory for evaluation.
+
+    Returns:
+        dict with ``images`` (N, 1, H, W) scaled from the config's HU window to [-1, 1],
+        ``variables`` (N, V) mm^2, ``region_masks`` (K, H, W) from the config's boundaries,
+        ``element_size`` (pixel area, mm^2), ``ids`` and the prepared dataset's ``config``.
+    """
+    from monai.transforms import LoadImage
+
+    from monai_cft.data.dataset import load_prepare_config, load_scpr_datalist
+    from monai_cft.data.presets import HU_WINDOW
+    from monai_cft.transforms.regions import RegionMasks
+
+    config = load_prepare_config(dataset_dir)
+    items = load_scpr_datalist(dataset_dir, split)
+    if max_cases is not None:
+        items = items[: int(max_cases)]
+    if not items:
+        raise ValueError(f"split {split!r} of {str(dataset_dir)!r} has no cases to evaluate.")
+    lo, hi = config.get("hu_window", HU_WINDOW)
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    images = torch.stack([torch.as_tensor(loader(it["image"])).float() for it in items])
+    images = ((images.clamp(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).to(device)
+    variables = torch.tensor([it["variables"] for it in items], dtype=torch.float32, device=device)
+    masks = RegionMasks(boundaries=config["boundaries"], names=config["regions"])(images[0].cpu())
+    return {
+        "images": images,
+        "variables": variables,
+        "region_masks": torch.as_tensor(masks).float().to(device),
+        "element_size": float(config["spacing"]) ** (images.ndim - 2),
+        "ids": [it["id"] for it in items],
+        "config": config,
+    }
+
+
+def segmentor_features(segmentor: torch.nn.Module):
+    """Realism features: the pooled bottleneck of a locally trained segmentor (no hub weights).
+
+    For a MONAI ``SegResNet`` (the evaluation segmentor) this is the output of its deepest encoder
+    stage; for other networks the pooled logits are used. The returned callable has a
+    ``description`` attribute recorded in ``metrics.json``.
+    """
+    from monai_cft.metrics.realism import FeatureExtractor
+
+    layer = None
+    down = getattr(segmentor, "down_layers", None)
+    if isinstance(down, torch.nn.ModuleList) and len(down) > 0:
+        layer = f"down_layers.{len(down) - 1}"
+    fx = FeatureExtractor(segmentor, layer)
+    fx.description = f"{type(segmentor).__name__} {layer or 'logits'}, global average pooled"
+    return fx
 
 
 def _measure(segmentor: torch.nn.Module, images: torch.Tensor, region_masks: torch.Tensor,
@@ -233,11 +288,16 @@ class CounterfactualEvaluation:
 
     def run(self) -> dict:
         """Evaluate and write the outputs; return the metrics dict."""
-        from monai_cft.utils.models import load_dscm, load_segmentor, load_split_tensors, segmentor_features
+        from monai_cft.inference import load_segmentor
+        from monai_cft.networks.dscm import DeepSCM
+        from monai_cft.utils.checkpoint import load_checkpoint
 
         t0 = time.time()
-        scm, meta = load_dscm(self.dscm_checkpoint, device=self.device, expect={"cft_mode": self.cft_mode})
-        seg, seg_meta = load_segmentor(self.segmentor_checkpoint, device=self.device)
+        ckpt = load_checkpoint(self.dscm_checkpoint, expect={"kind": "dscm", "cft_mode": self.cft_mode})
+        meta = ckpt["meta"]
+        scm = DeepSCM.from_checkpoint(ckpt).to(self.device).eval()
+        seg = load_segmentor(self.segmentor_checkpoint, expect={"role": "eval"}).to(self.device)
+        seg_meta = load_checkpoint(self.segmentor_checkpoint)["meta"]
         data = load_split_tensors(self.dataset_dir, self.split, max_cases=self.max_cases, device=self.device)
         cfg = data["config"]
         structures = dict(cfg["structures"])

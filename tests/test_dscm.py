@@ -16,12 +16,7 @@ RANGES = {"lumen_mid": (2.0, 12.0), "calcified_mid": (0.0, 4.0), "noncalcified_m
 TINY = dict(widths=(8, 16, 16), blocks_per_level=1, z_dim=4, z_max_res=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_dscm(graph=None) -> DeepSCM:

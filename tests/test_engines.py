@@ -26,13 +26,7 @@ VARIABLES = ["lumen_proximal", "calcified_mid", "noncalcified_distal"]
 RANGES = {"lumen_proximal": [5.0, 15.0], "calcified_mid": [0.0, 4.0], "noncalcified_distal": [0.0, 2.0]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-over costs on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _params_with_grads(*grads):

@@ -13,12 +13,7 @@ VARS = ["global_a", "region_b", "region_c", "root_d"]
 GRAPH = {"region_b": ["global_a"], "region_c": ["global_a", "region_b"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def scm_data(n: int, g: torch.Generator) -> torch.Tensor:

@@ -18,13 +18,7 @@ from monai_cft.networks.hvae import (
 from monai_cft.networks.presets import HVAE_PRESETS, build_hvae, match_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the test machine's cores are shared and oversubscription is slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(spatial_dims=2, img_size=(16, 32), num_parents=2, **kw):

@@ -7,15 +7,11 @@ import math
 import pytest
 import torch
 
-from monai_cft.networks.predictors import ParentRegressor, build_segmentor, gaussian_nll, segmentor_divisor
+from monai_cft.losses.nll import GaussianNLLLoss
+from monai_cft.networks.predictors import ParentRegressor, build_segmentor, segmentor_divisor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("arch", ["unet", "segresnet"])
@@ -51,18 +47,16 @@ def test_regressor_shapes(spatial_dims, size):
         reg(torch.rand(3, 1, 32))
 
 
-def test_gaussian_nll():
+def test_regressor_output_is_the_gaussian_nll_input():
+    """ParentRegressor's (B, 2V) output is what GaussianNLLLoss takes: V means then V log-variances."""
     pred = torch.cat([torch.randn(4, 3), torch.randn(4, 3)], dim=1)
     target = torch.randn(4, 3)
-    mean, logvar = pred.chunk(2, 1)
+    mean, logvar = ParentRegressor.split(pred)
     ref = torch.nn.functional.gaussian_nll_loss(mean, target, logvar.exp(), full=True, reduction="none")
-    assert torch.allclose(gaussian_nll(pred, target, reduction="none"), ref, atol=1e-5)
-    assert gaussian_nll(pred, target).item() == pytest.approx(ref.mean().item(), rel=1e-5)
-    assert gaussian_nll(pred, target, "sum").item() == pytest.approx(ref.sum().item(), rel=1e-5)
+    assert torch.allclose(GaussianNLLLoss(reduction="none")(pred, target), ref, atol=1e-5)
+    assert GaussianNLLLoss()(pred, target).item() == pytest.approx(ref.mean().item(), rel=1e-5)
     # minimised at the target with a small variance
     exact = torch.cat([target, torch.full_like(target, -4.0)], dim=1)
-    assert gaussian_nll(exact, target).item() == pytest.approx(0.5 * (-4.0 + math.log(2 * math.pi)))
-    with pytest.raises(ValueError, match="target"):
-        gaussian_nll(pred, target[:, :2])
-    with pytest.raises(ValueError, match="reduction"):
-        gaussian_nll(pred, target, "max")
+    assert GaussianNLLLoss()(exact, target).item() == pytest.approx(0.5 * (-4.0 + math.log(2 * math.pi)))
+    with pytest.raises(ValueError, match="2V"):
+        ParentRegressor.split(pred[:, :5])

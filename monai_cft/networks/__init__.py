@@ -10,7 +10,7 @@
 from monai_cft.networks.dscm import DeepSCM, ParentNormalizer, build_dscm
 from monai_cft.networks.flows import AttributeMechanisms, topological_order
 from monai_cft.networks.hvae import HierarchicalVAE, beta_schedule, discretized_gaussian_nll, gaussian_kl
-from monai_cft.networks.predictors import ParentRegressor, build_segmentor, gaussian_nll
+from monai_cft.networks.predictors import ParentRegressor, build_segmentor
 from monai_cft.networks.presets import HVAE_PRESETS, build_hvae, match_preset
 
 __all__ = [
@@ -28,5 +28,4 @@ __all__ = [
     "build_dscm",
     "build_segmentor",
     "ParentRegressor",
-    "gaussian_nll",
 ]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import ResNet, SegResNet, UNet
 
-__all__ = ["build_segmentor", "segmentor_divisor", "ParentRegressor", "gaussian_nll"]
+__all__ = ["build_segmentor", "segmentor_divisor", "ParentRegressor"]
 
 _UNET_DEFAULTS = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
 _SEGRESNET_DEFAULTS = {"init_filters": 8, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)}
@@ -153,24 +153,3 @@ class ParentRegressor(nn.Module):
         if pred.ndim != 2 or pred.shape[1] % 2:
             raise ValueError(f"prediction must be (B, 2V), got {tuple(pred.shape)}.")
         return pred.chunk(2, dim=1)
-
-
-def gaussian_nll(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Gaussian negative log-likelihood (nats) of normalised targets under a regressor's prediction.
-
-    Args:
-        pred: (B, 2V) means then log-variances (:class:`ParentRegressor` output).
-        target: (B, V) normalised values.
-        reduction: ``"mean"`` (over samples and variables), ``"sum"`` or ``"none"`` ((B, V)).
-    """
-    mean, logvar = ParentRegressor.split(pred)
-    if target.shape != mean.shape:
-        raise ValueError(f"target must be {tuple(mean.shape)} to match the prediction, got {tuple(target.shape)}.")
-    nll = 0.5 * (logvar + (target - mean) ** 2 * torch.exp(-logvar) + math.log(2.0 * math.pi))
-    if reduction == "mean":
-        return nll.mean()
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "none":
-        return nll
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
