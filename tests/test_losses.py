@@ -206,3 +206,14 @@ def test_per_call_region_masks_override_stored_ones():
     assert torch.allclose(loss_fn.measure(x, swapped)[0], AREAS.flip(1).flatten())
     with pytest.raises(ValueError, match="expected 3 region masks"):
         loss_fn(x, target, region_masks=torch.ones(2, 1, 4, 6))
+
+
+def test_structure_total_scales():
+    from monai_cft.losses import structure_total_scales
+
+    values = [[1.0, 2.0, 3.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 4.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.5, 0.5]]
+    assert structure_total_scales(values, 2).tolist() == [4.0, 3.0]  # totals (6, 6, 2) and (1, 4, 1)
+    with pytest.raises(ValueError, match="S = 4"):
+        structure_total_scales(values, 4)
+    with pytest.raises(ValueError, match="vary"):
+        structure_total_scales([[1.0, 1.0], [1.0, 1.0]], 1)

@@ -4,7 +4,7 @@
   returns logits ``(B, out_channels, *spatial)``; structure areas are measured on its softmax by
   :func:`monai_cft.transforms.measures.measure_structures`.
 * :class:`ParentRegressor` is a MONAI ``ResNet`` predicting a Gaussian over the normalised
-  variables: ``(B, 2V)`` = V means then V log-variances. :func:`gaussian_nll` is its training loss
+  variables: ``(B, 2V)`` = V means then V log-variances. :class:`monai_cft.losses.GaussianNLLLoss` is its training loss
   and the Reg-CFT guidance term ``-log q(pa_cf | x_cf)``.
 """
 
