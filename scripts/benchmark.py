@@ -2,6 +2,15 @@
 """Speed benchmarks of monai-cft, one section per part of the pipeline.
 
     python scripts/benchmark.py --only data --num-cases 100 --workers 2 [--write-docs docs/benchmarks.md]
+    python scripts/benchmark.py --only scpr training inference quickstart [--write-docs docs/benchmarks.md]
+
+Sections: ``data`` (phantom generation and sCPR preparation, cases/s), ``scpr`` (straightening
+throughput of ``StraightenCPR`` against a SciPy ``map_coordinates`` reference sampling the same
+points), ``training`` (DSCM and CFT iterations: images/s, peak memory, parameters), ``inference``
+(counterfactual latency per image) and ``quickstart`` (stage times of ``python -m monai_cft.pipeline``).
+GPU rows run only where CUDA is available (bfloat16 autocast for the networks); elsewhere they say
+"not measured: no GPU in this session". ``--tiny`` runs every section at toy sizes as a smoke test
+(its numbers mean nothing and cannot be written to the docs).
 
 Each section prints a markdown table; with ``--write-docs`` its table (and the machine it ran on)
 replaces the section's heading block in the given markdown file, leaving the other sections alone.
@@ -12,15 +21,25 @@ in ``SECTIONS`` with its heading; section-specific options go in ``add_arguments
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
 import os
 import platform
 import re
 import resource
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+#: what a GPU row says when CUDA is not available (never a made-up number).
+NO_GPU = "not measured: no GPU in this session"
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
@@ -48,7 +67,19 @@ def machine_description() -> str:
         except ImportError:
             pass
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{cores} cores (nproc), {model}; load average at start {load}; {', '.join(versions)}"
+    return f"{cores} cores (nproc), {model}; {gpu_description()}; load average at start {load}; {', '.join(versions)}"
+
+
+def gpu_description() -> str:
+    """``"GPU: <name> (<memory> GiB)"`` for the first CUDA device, or ``"no GPU"``."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return "no GPU"
+    if not torch.cuda.is_available():
+        return "no GPU"
+    props = torch.cuda.get_device_properties(0)
+    return f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB)"
 
 
 def children_cpu_seconds() -> float:
@@ -68,6 +99,145 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0, children_cpu_seconds() + self_cpu_seconds() - cpu0
+
+
+def sync(device: Any) -> None:
+    """Wait for queued CUDA work on ``device`` (a no-op on the CPU) so wall-clock times are complete."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(
+    fn: Callable[[], object], device: Any = "cpu", warmup: int = 1, budget_s: float = 5.0,
+    min_repeats: int = 1, max_repeats: int = 10,
+) -> list[float]:
+    """Wall seconds of repeated calls of ``fn``, after ``warmup`` untimed calls.
+
+    Calls are repeated until at least ``min_repeats`` were timed and together they took ``budget_s``
+    (at most ``max_repeats``); report the median, which is robust to other jobs on a shared machine.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` intra-op torch threads inside the block, restoring the previous count after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def count_parameters(module: Any, trainable: bool | None = None) -> int:
+    """Number of parameter elements of a torch module (only trainable / frozen ones if asked)."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def _current_rss_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand free heap memory back to the OS (glibc ``malloc_trim``), so that an
+    earlier measurement's freed buffers do not hide the next one's peak."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+class PeakMemory:
+    """Peak memory (MiB) of the code run inside ``with PeakMemory(device) as mem:`` -> ``mem.peak_mib``.
+
+    * CPU: the peak resident set size (``resource.getrusage(...).ru_maxrss``) minus the resident
+      size at entry. At entry free heap memory is returned to the OS and the kernel's high-water
+      mark is reset to the current size (``/proc/self/clear_refs``, Linux >= 4.0), so the value is
+      what the block itself needed (models, optimizer states, activations). Where the reset is
+      impossible it is the growth of the process's lifetime peak, a lower bound (``method`` says which).
+    * CUDA: ``torch.cuda.max_memory_allocated`` during the block (tensors allocated before it count too).
+    """
+
+    def __init__(self, device: Any = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.peak_mib = float("nan")
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        _release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            reset = True
+        except OSError:
+            pass
+        rss = _current_rss_kb() if reset else None
+        self._base_kb = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.method = "peak RSS above entry" if rss is not None else "growth of lifetime peak RSS (lower bound)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base_kb, 0) / 1024
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    """A number for a table: ``digits`` significant decimals for small values, none for large ones."""
+    if value != value:  # NaN
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -172,8 +342,626 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-cases", type=int, default=100, help="cases to generate and prepare (default 100)")
     group.add_argument("--target-cases", type=int, default=1000, help="extrapolate the time for this many cases")
     group.add_argument("--presets", nargs="+", default=["quick", "paper"], choices=["quick", "paper"])
-    group.add_argument("--seed", type=int, default=0)
     group.add_argument("--keep", default=None, help="keep the generated data in this folder")
+
+
+# --------------------------------------------------------------------------------------------
+# shared set-up of the model sections
+# --------------------------------------------------------------------------------------------
+
+def preset_geometry(preset: str, tiny: bool = False) -> tuple[float, tuple[int, int]]:
+    """``(spacing_mm, (H, W))`` of an sCPR preset; with ``tiny`` a toy 16 x 48 image at 2 mm."""
+    if tiny:
+        return 2.0, (16, 48)
+    from monai_cft.data.presets import get_scpr_preset
+
+    geometry = get_scpr_preset(preset)
+    return geometry["spacing"], geometry["output_size"]
+
+
+#: toy network sizes used by ``--tiny`` (smoke tests only).
+_TINY_HVAE = {"widths": (4, 8, 8), "blocks_per_level": (0, 1, 1), "z_max_res": 24, "z_dim": 2, "embed_dim": 8}
+_TINY_FLOWS = {"hidden": (8,), "transforms": 1, "bins": 4}
+
+
+def variables_and_ranges() -> tuple[list[str], dict[str, list[float]]]:
+    """The 9 default variables (structure-major) with plausible 2D ranges in mm^2 (speed does not depend on them)."""
+    from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
+
+    names = variable_names(DEFAULT_STRUCTURES, DEFAULT_REGIONS)
+    top = {"lumen": 40.0, "calcified": 8.0, "noncalcified": 12.0}
+    return names, {n: [0.0, top[n.split("_")[0]]] for n in names}
+
+
+def build_benchmark_dscm(preset: str, img_size: Sequence[int], tiny: bool = False):
+    """A randomly initialised ``DeepSCM`` of an HVAE preset (``build_dscm``), toy-sized with ``tiny``."""
+    from monai_cft.networks.dscm import build_dscm
+
+    names, ranges = variables_and_ranges()
+    overrides = dict(_TINY_HVAE) if tiny else {}
+    return build_dscm(preset, 2, tuple(img_size), names, ranges, flow_kwargs=_TINY_FLOWS if tiny else None, **overrides)
+
+
+def random_batch(batch: int, img_size: Sequence[int], seed: int = 0) -> dict[str, Any]:
+    """``{"image": (B, 1, H, W) uniform in [-1, 1], "variables": (B, 9) uniform in their ranges}``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    names, ranges = variables_and_ranges()
+    low = torch.tensor([ranges[n][0] for n in names])
+    high = torch.tensor([ranges[n][1] for n in names])
+    image = torch.rand(batch, 1, *img_size, generator=g) * 2.0 - 1.0
+    variables = low + (high - low) * torch.rand(batch, len(names), generator=g)
+    return {"image": image, "variables": variables}
+
+
+def _per_iteration_times(engine: Any, device: Any) -> list[float]:
+    """Attach handlers to an Ignite engine that record each iteration's wall seconds (batch fetching
+    excluded: the clock starts at ``ITERATION_STARTED``); returns the list they fill."""
+    from ignite.engine import Events
+
+    times: list[float] = []
+    start = [0.0]
+
+    def started(_: Any) -> None:
+        sync(device)
+        start[0] = time.perf_counter()
+
+    def completed(_: Any) -> None:
+        sync(device)
+        times.append(time.perf_counter() - start[0])
+
+    engine.add_event_handler(Events.ITERATION_STARTED, started)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
+    return times
+
+
+def _device_settings(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """``(device, torch threads)`` to measure: the CPU with each of ``--threads``, then CUDA."""
+    return [("cpu", n) for n in args.threads] + [("cuda", None)]
+
+
+def _settings_label(device: str, threads: int | None) -> str:
+    return f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else "CUDA, bf16 autocast"
+
+
+def _threads_or_null(threads: int | None) -> contextlib.AbstractContextManager:
+    return torch_threads(threads) if threads is not None else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# section: sCPR straightening
+# --------------------------------------------------------------------------------------------
+
+
+def phantom_volumes(num: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Render ``num`` phantoms: ``{"image": MetaTensor (1, X, Y, Z) float32 HU with its affine,
+    "centerline": (N, 3) world mm}`` (float32 as ``LoadImage`` would give the NIfTI files)."""
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from monai_cft.data.phantom import render_phantom, sample_phantom_params
+
+    cases = []
+    for i in range(num):
+        case = render_phantom(sample_phantom_params(seed + i))
+        image = MetaTensor(torch.from_numpy(case.image.astype(np.float32))[None],
+                           affine=torch.as_tensor(case.affine, dtype=torch.float64))
+        cases.append({"image": image, "centerline": np.asarray(case.centerline, dtype=np.float64)})
+    return cases
+
+
+def world_to_voxel(grid_world: Any, affine: Any) -> Any:
+    """(..., 3) world mm -> (..., 3) continuous voxel indices with the inverse of the (4, 4) affine (NumPy)."""
+    import numpy as np
+
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    return np.asarray(grid_world, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def scipy_sample(volume: Any, voxels: Any, width: int, padding: float) -> Any:
+    """The SciPy reference of the sampling: trilinear ``map_coordinates`` (order 1) of a (X, Y, Z)
+    float32 volume at (..., Wv, 3) voxel coordinates; columns ``Wv..width-1`` and every point outside
+    are ``padding``.
+
+    ``mode="grid-constant"`` extends the volume with ``padding`` *and interpolates* across its
+    border, which is the transform's constant padding; ``mode="constant"`` would instead set every
+    point beyond the outermost voxel centres to ``padding`` outright (up to ~1000 HU different in
+    the outermost half voxel). Returns (..., width) float32.
+    """
+    import numpy as np
+    from scipy.ndimage import map_coordinates
+
+    out = np.full((*voxels.shape[:-2], width), padding, dtype=np.float32)
+    out[..., : voxels.shape[-2]] = map_coordinates(volume, np.moveaxis(voxels, -1, 0), order=1,
+                                                   mode="grid-constant", cval=padding, output=np.float32)
+    return out
+
+
+def straighten_batched(cpr: Any, images: Sequence[Any], centerlines: Sequence[Any], device: Any = "cpu") -> Any:
+    """Straighten several volumes (of any shapes) with ONE ``grid_sample`` call (benchmark code, not a library API).
+
+    Every volume gets its geometry from ``cpr.plan`` (the transform's own planning), is copied into a
+    common (N, C, X+2, Y+2, Z+2) block whose margin and unused voxels hold ``cpr.padding_value``,
+    and is sampled with ``padding_mode="border"``: inside the block that is exact constant padding
+    (the margin is at least one voxel), and any point beyond the block lands on a border of padding
+    values. Columns beyond the vessel's end point far outside and come out as padding.
+
+    Args:
+        cpr: a ``StraightenCPR`` (bilinear mode).
+        images: N channel-first (C, X, Y, Z) ``MetaTensor`` volumes (same C) with their affines.
+        centerlines: N (M, 3) world-mm centrelines.
+        device: where the block is built and sampled.
+
+    Returns:
+        (N, C, H, W) or (N, C, H, H, W) float32 tensor on ``device``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    shapes = [tuple(int(s) for s in img.shape[1:]) for img in images]
+    plans = [cpr.plan(c, img.affine, s) for img, c, s in zip(images, centerlines, shapes)]
+    block = [max(s[k] for s in shapes) + 2 for k in range(3)]
+    channels = int(images[0].shape[0])
+    data = torch.full((len(images), channels, *block), cpr.padding_value, dtype=torch.float32, device=device)
+    grids = []
+    big = torch.tensor(block[::-1], dtype=torch.float64)  # grid order (z, y, x)
+    for i, (img, shape, plan) in enumerate(zip(images, shapes, plans)):
+        data[i, :, 1 : shape[0] + 1, 1 : shape[1] + 1, 1 : shape[2] + 1] = img.as_tensor().to(device, torch.float32)
+        small = torch.tensor(shape[::-1], dtype=torch.float64)
+        voxels = (plan.sample_grid + 1.0) / 2.0 * (small - 1.0) + 1.0  # in the block, margin included
+        grid = 2.0 * voxels / (big - 1.0) - 1.0
+        missing = plan.size[1] - plan.n_valid
+        if missing:
+            grid = torch.cat([grid, torch.full((*grid.shape[:-2], missing, 3), 4.0, dtype=grid.dtype)], -2)
+        grids.append(grid)
+    grid = torch.stack(grids).to(device=device, dtype=torch.float32)
+    out_spatial = grid.shape[1:-1]
+    grid5 = grid.view(len(images), -1, *grid.shape[-3:]) if grid.ndim == 5 else grid.unsqueeze(1)
+    out = F.grid_sample(data, grid5, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.view(len(images), channels, *out_spatial)
+
+
+def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Volumes per second of every sCPR implementation (see :func:`bench_scpr`); one dict per row."""
+    import numpy as np
+    import torch
+
+    from monai_cft.transforms.cpr import StraightenCPR
+
+    num = 1 if args.tiny else args.scpr_volumes
+    budget = 0.0 if args.tiny else args.repeat_budget
+    print(f"[scpr] rendering {num} phantom volumes", file=sys.stderr)
+    cases = phantom_volumes(num, args.seed)
+    arrays = [c["image"].as_tensor()[0].numpy() for c in cases]
+    affines = [c["image"].affine.numpy() for c in cases]
+    shapes = [tuple(c["image"].shape[1:]) for c in cases]
+    pad = -1024.0
+    rows: list[dict[str, Any]] = []
+    for preset in args.scpr_presets:
+        spacing, size = preset_geometry(preset, args.tiny)
+        for out_dims in args.scpr_out_dims:
+            cpr = StraightenCPR(size, spacing, mode="bilinear", padding_value=pad, out_dims=out_dims)
+            plans = [cpr.plan(c["centerline"], c["image"].affine, s) for c, s in zip(cases, shapes)]
+            voxels = [world_to_voxel(p.grid_world.numpy(), a) for p, a in zip(plans, affines)]
+            reference = [scipy_sample(v, vox, size[1], pad) for v, vox in zip(arrays, voxels)]
+            base = {"preset": preset if not args.tiny else "tiny", "out_dims": out_dims, "size": size,
+                    "spacing": spacing, "volumes": num, "volume_shapes": shapes,
+                    "voxel_mm": [np.linalg.norm(a[:3, :3], axis=0).tolist() for a in affines]}
+            print(f"[scpr] {preset} {out_dims}D {size}", file=sys.stderr)
+
+            def record(name: str, scope: str, setting: str, fn: Callable[[], Any] | None, device: str = "cpu",
+                       check: Callable[[], float] | None = None) -> None:
+                row = dict(base, implementation=name, scope=scope, setting=setting)
+                if fn is None:
+                    row.update(seconds=float("nan"), note=NO_GPU)
+                else:
+                    times = time_calls(fn, device, warmup=1, budget_s=budget, min_repeats=1 if args.tiny else 3)
+                    row.update(seconds=median(times), repeats=len(times), max_abs_hu=check() if check else 0.0)
+                rows.append(row)
+
+            def diff(outputs: Sequence[Any]) -> float:
+                return max(float(np.abs(np.asarray(o.detach().cpu() if hasattr(o, "detach") else o).reshape(r.shape)
+                                        - r).max()) for o, r in zip(outputs, reference))
+
+            def scipy_full() -> list[Any]:
+                out = []
+                for c, s, v, a in zip(cases, shapes, arrays, affines):
+                    plan = cpr.plan(c["centerline"], c["image"].affine, s)
+                    out.append(scipy_sample(v, world_to_voxel(plan.grid_world.numpy(), a), size[1], pad))
+                return out
+
+            def transform_all(images: Sequence[Any]) -> list[Any]:
+                return [cpr(img, c["centerline"]) for img, c in zip(images, cases)]
+
+            record("SciPy `map_coordinates` (order 1)", "plan + sample", "CPU, 1 thread", scipy_full,
+                   check=lambda: diff(scipy_full()))
+            images = [c["image"] for c in cases]
+            for threads in args.threads:
+                with torch_threads(threads):
+                    record("`StraightenCPR`", "plan + sample + meta", _settings_label("cpu", threads),
+                           lambda: transform_all(images), check=lambda: diff(transform_all(images)))
+                    record(f"batched, {num} volumes / `grid_sample`", "plan + sample", _settings_label("cpu", threads),
+                           lambda: straighten_batched(cpr, images, [c["centerline"] for c in cases]),
+                           check=lambda: diff(straighten_batched(cpr, images, [c["centerline"] for c in cases])[:, 0]))
+            padding = torch.full((1,), pad)
+            tensors = [img.as_tensor() for img in images]
+            record("SciPy `map_coordinates` (order 1)", "sample only", "CPU, 1 thread",
+                   lambda: [scipy_sample(v, vox, size[1], pad) for v, vox in zip(arrays, voxels)],
+                   check=lambda: 0.0)
+            for threads in args.threads:
+                with torch_threads(threads):
+                    record("`SCPRGeometry.sample` (`grid_sample`)", "sample only", _settings_label("cpu", threads),
+                           lambda: [p.sample(t, "bilinear", padding) for p, t in zip(plans, tensors)],
+                           check=lambda: diff([p.sample(t, "bilinear", padding) for p, t in zip(plans, tensors)]))
+            if cuda_available():
+                gpu = [img.to("cuda") for img in images]
+                record("`StraightenCPR`", "plan + sample + meta", "CUDA (volumes on the GPU)",
+                       lambda: transform_all(gpu), "cuda", check=lambda: diff(transform_all(gpu)))
+                record(f"batched, {num} volumes / `grid_sample`", "plan + sample", "CUDA (volumes on the GPU)",
+                       lambda: straighten_batched(cpr, gpu, [c["centerline"] for c in cases], "cuda"), "cuda",
+                       check=lambda: diff(straighten_batched(cpr, gpu, [c["centerline"] for c in cases], "cuda")[:, 0]))
+            else:
+                record("`StraightenCPR`", "plan + sample + meta", "CUDA", None)
+                record(f"batched, {num} volumes / `grid_sample`", "plan + sample", "CUDA", None)
+    # throughput and the ratio to the SciPy reference of the same scope
+    for row in rows:
+        row["volumes_per_s"] = row["volumes"] / row["seconds"] if row["seconds"] == row["seconds"] else float("nan")
+        ref = next(r for r in rows if r["preset"] == row["preset"] and r["out_dims"] == row["out_dims"]
+                   and r["implementation"].startswith("SciPy")
+                   and (r["scope"] == "sample only") == (row["scope"] == "sample only"))
+        row["ratio"] = row["volumes_per_s"] / ref["volumes_per_s"]
+    return rows
+
+
+def bench_scpr(args: argparse.Namespace) -> str:
+    """sCPR straightening throughput of ``StraightenCPR`` against SciPy ``map_coordinates`` on the same points."""
+    rows = scpr_measurements(args)
+    table = []
+    for r in rows:
+        h, w = r["size"]
+        shape = f"{h} x {w}" if r["out_dims"] == 2 else f"{h} x {h} x {w}"
+        if r.get("note"):
+            table.append([r["preset"], shape, r["scope"], r["implementation"], r["setting"], r["note"], "", "", ""])
+            continue
+        table.append([r["preset"], shape, r["scope"], r["implementation"], r["setting"], fmt(r["volumes_per_s"]),
+                      fmt(1000.0 * r["seconds"] / r["volumes"]), f"{r['ratio']:.2f}x", f"{r['max_abs_hu']:.3g}"])
+    num = rows[0]["volumes"] if rows else 0
+    mean_shape = " x ".join(f"{sum(s[k] for s in rows[0]['volume_shapes']) / num:.0f}" for k in range(3))
+    voxel = " x ".join(f"{sum(v[k] for v in rows[0]['voxel_mm']) / num:.2f}" for k in range(3))
+    header = ["preset", "output (px)", "scope", "implementation", "device", "volumes/s", "ms / volume",
+              "vs SciPy (same scope)", "max abs diff vs SciPy (HU)"]
+    return (
+        f"`python scripts/benchmark.py --only scpr --scpr-volumes {args.scpr_volumes}` on {machine_description()}.\n\n"
+        f"{markdown_table(header, table)}\n\n"
+        f"{num} phantom volumes (`monai_cft.data.phantom`, seeds {args.seed}..{args.seed + num - 1}, float32 "
+        f"`MetaTensor`s with their affines, on average {mean_shape} voxels of {voxel} mm) straightened "
+        "along their centrelines, trilinear, padding -1024 HU. Each figure is the median over repeated passes "
+        "over all volumes (one untimed warm-up pass first). **plan + sample** includes the geometry "
+        "(resampled centreline, parallel-transport frames, world grid: `StraightenCPR.plan`, shared by every "
+        "row); `StraightenCPR` also builds the output `MetaTensor` with its `scpr_*` metadata (the world grid "
+        "of every pixel). **sample only** starts from precomputed plans / voxel coordinates. The SciPy "
+        "reference converts the plan's world grid (`scpr_grid_world`) with the inverse affine and calls "
+        "`scipy.ndimage.map_coordinates(order=1, mode='grid-constant', cval=-1024)` (single-threaded); "
+        "`grid-constant` is the transform's padding semantics (interpolating into the padding across the "
+        "border), `constant` would differ by up to ~1000 HU in the outermost half voxel. The last column is "
+        "the largest difference of any pixel from the reference (float32 rounding). The batched rows pad all "
+        "volumes into one block and sample them with a single `grid_sample` call (`straighten_batched` in "
+        "this script, not a library API; plain tensors out, no metadata). CUDA rows time volumes already on "
+        "the GPU (planning stays on the CPU)."
+    )
+
+
+def _scpr_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scpr section")
+    group.add_argument("--scpr-volumes", type=int, default=4, help="phantom volumes per pass (default 4)")
+    group.add_argument("--scpr-presets", nargs="+", default=["quick", "paper"], choices=["quick", "paper"])
+    group.add_argument("--scpr-out-dims", nargs="+", type=int, default=[2, 3], choices=[2, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# section: training throughput
+# --------------------------------------------------------------------------------------------
+
+
+def build_guidance_loss(mode: str, img_size: Sequence[int], spacing: float, variables: Any, tiny: bool = False):
+    """The CFT guidance loss of ``mode`` around a randomly initialised network, built as ``finetune.json`` does:
+    ``reg``: ``RegressorGuidanceLoss(ParentRegressor)``; ``seg`` / ``pos_seg``: ``SegmentorGuidanceLoss``
+    around the guidance UNet (``build_segmentor(arch="unet")``) without / with the three region masks."""
+    import torch
+
+    from monai_cft.losses import (RegressorGuidanceLoss, SegmentorGuidanceLoss, ranges_to_scales,
+                                  structure_total_scales)
+    from monai_cft.networks.predictors import ParentRegressor, build_segmentor
+    from monai_cft.transforms.regions import RegionMasks
+    from monai_cft.variables import DEFAULT_STRUCTURES
+
+    names, ranges = variables_and_ranges()
+    if mode == "reg":
+        kwargs = {"block_inplanes": (4, 8, 8, 8)} if tiny else {}
+        return RegressorGuidanceLoss(ParentRegressor(2, 1, len(names), **kwargs), len(names), reduction="none")
+    if mode not in ("seg", "pos_seg"):
+        raise ValueError(f"unknown CFT mode {mode!r}; expected 'reg', 'seg' or 'pos_seg'.")
+    segmentor = build_segmentor(2, "unet", 1, len(DEFAULT_STRUCTURES) + 1, channels=(4, 8, 16, 16) if tiny else None,
+                                img_size=tuple(img_size))
+    if mode == "seg":
+        masks, scales = None, structure_total_scales(variables, len(DEFAULT_STRUCTURES))
+    else:
+        masks = torch.as_tensor(RegionMasks()(torch.zeros(1, *img_size)))
+        scales = ranges_to_scales(ranges, names)
+    return SegmentorGuidanceLoss(segmentor, DEFAULT_STRUCTURES, masks, "l1", spacing**2, scales, reduction="none")
+
+
+def _train_run(kind: str, preset: str, batch: int, device: str, threads: int | None, warmup: int, iters: int,
+               tiny: bool) -> dict[str, Any]:
+    """Time ``warmup + iters`` iterations of a ``DSCMTrainer`` (``kind="dscm"``) or ``CFTTrainer``
+    (``kind`` a CFT mode) on one random batch; returns seconds per iteration and peak memory."""
+    import torch
+
+    from monai_cft.engines.cft_trainer import CFTTrainer
+    from monai_cft.engines.dscm_trainer import DSCMTrainer
+
+    spacing, size = preset_geometry(preset, tiny)
+    data = random_batch(batch, size)
+    batches = [data] * (warmup + iters)
+    amp = device == "cuda"
+    with _threads_or_null(threads), PeakMemory(device) as mem:
+        torch.manual_seed(0)
+        dscm = build_benchmark_dscm(preset, size, tiny)
+        if kind == "dscm":
+            trainer = DSCMTrainer(device, 1, batches, dscm, epoch_length=len(batches), lr_warmup_steps=0,
+                                  grad_skip=None, flow_grad_skip=None, amp=amp)
+            params = {"trainable": count_parameters(dscm), "frozen": 0}
+        else:
+            guidance = build_guidance_loss(kind, size, spacing, data["variables"], tiny)
+            trainer = CFTTrainer(device, 1, batches, dscm, kind, guidance, epoch_length=len(batches),
+                                 elbo_target=1.0, grad_skip=None, checkpoint_dir=None, amp=amp)
+            params = {"trainable": count_parameters(trainer.hvae), "frozen": count_parameters(guidance.network)}
+        times = _per_iteration_times(trainer, device)
+        trainer.run()
+    skipped = getattr(trainer.state, "skipped_updates", 0) if kind == "dscm" else None
+    timed = times[warmup:]
+    return {"seconds": median(timed), "iterations": len(timed), "peak_mib": mem.peak_mib, "memory": mem.method,
+            "skipped": skipped, **params}
+
+
+def training_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One dict per (model, preset, device setting): images/s, peak memory, parameter counts."""
+    tiny = args.tiny
+    configs = [("dscm", preset) for preset in args.train_presets]
+    configs += [(mode, preset) for preset in args.cft_presets for mode in args.cft_modes]
+    rows = []
+    for kind, preset in configs:
+        batch = args.train_batch if preset == "quick" else args.train_batch_paper
+        batch = min(batch, 4) if tiny else batch
+        for device, threads in _device_settings(args):
+            row = {"model": "DSCM" if kind == "dscm" else f"CFT `{kind}`", "kind": kind,
+                   "preset": "tiny" if tiny else preset, "batch": batch, "setting": _settings_label(device, threads)}
+            if device == "cuda" and not cuda_available():
+                rows.append(dict(row, note=NO_GPU))
+                continue
+            if device == "cuda":
+                warmup, iters = args.cuda_warmup, args.cuda_iters
+            else:
+                warmup = args.train_warmup
+                iters = args.train_iters if preset == "quick" else args.train_iters_paper
+            warmup, iters = (1, 2) if tiny else (warmup, iters)
+            print(f"[training] {row['model']} {preset} batch {batch} {row['setting']}: {warmup} + {iters} iterations",
+                  file=sys.stderr)
+            res = _train_run(kind, preset, batch, device, threads, warmup, iters, tiny)
+            rows.append(dict(row, **res, images_per_s=batch / res["seconds"]))
+    return rows
+
+
+def bench_training(args: argparse.Namespace) -> str:
+    """Training throughput (images/s) and peak memory of the DSCM and of the three CFT modes."""
+    rows = training_measurements(args)
+    table = []
+    for r in rows:
+        if r.get("note"):
+            table.append([r["model"], r["preset"], r["batch"], r["setting"], r["note"], "", "", "", ""])
+            continue
+        table.append([r["model"], r["preset"], r["batch"], r["setting"], fmt(r["images_per_s"]),
+                      f"{1000.0 * r['seconds']:.0f}", f"{r['iterations']}", fmt(r["peak_mib"], 0),
+                      f"{r['trainable'] / 1e6:.3f} M" + (f" (+{r['frozen'] / 1e6:.3f} M frozen)" if r["frozen"] else "")])
+    header = ["model", "preset", "batch", "device", "images/s", "ms / iteration (median)", "timed iterations",
+              "peak memory (MiB)", "parameters trained"]
+    method = next((r["memory"] for r in rows if r.get("memory") and "CUDA" not in r["setting"]), "")
+    return (
+        f"`python scripts/benchmark.py --only training` on {machine_description()}.\n\n"
+        f"{markdown_table(header, table)}\n\n"
+        "Iterations of the real engines on one random batch (images uniform in [-1, 1], variables uniform "
+        "in plausible ranges; the speed does not depend on the values), randomly initialised networks: "
+        "**DSCM** = `monai_cft.engines.dscm_trainer.DSCMTrainer` (`schedule='joint'`: flows' NLL and the HVAE's "
+        "negative ELBO, backward, gradient clipping, both AdamW steps, EMA update of the whole DeepSCM); "
+        "**CFT** = `monai_cft.engines.cft_trainer.CFTTrainer` (factual HVAE pass with latents, one "
+        "intervention per image through the frozen flows, counterfactual decoding, the frozen guidance "
+        "network on `x_cf`, constrained-ELBO loss, backward into the HVAE, AdamW + Lagrange multiplier "
+        "steps, EMA), guidance networks as `finetune.json` builds them (`reg`: `ParentRegressor`; `seg` / "
+        "`pos_seg`: the guidance UNet, without / with the three region masks). Gradient skipping is "
+        "switched off (`grad_skip=None`) so that every timed iteration does the full update. Each "
+        "iteration is timed from Ignite's `ITERATION_STARTED` to `ITERATION_COMPLETED` (batch fetching "
+        f"excluded) after {args.train_warmup} untimed warm-up iteration(s) ({args.cuda_warmup} on CUDA); "
+        "images/s = batch / median seconds per iteration. CPU rows set `torch.set_num_threads`. "
+        f"Peak memory on the CPU: {method or 'peak RSS above entry'} (`ru_maxrss`, after returning free heap "
+        "memory to the OS and resetting the high-water mark through `/proc/self/clear_refs`): models, EMA "
+        "copy, optimizer states and activations, not the Python / torch runtime. On CUDA: "
+        "`torch.cuda.max_memory_allocated` (bfloat16 autocast, as the bundle runs it). Parameters: the "
+        "trained ones (DSCM: HVAE + flows; CFT: the HVAE) and the frozen guidance network's."
+    )
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training section")
+    group.add_argument("--train-presets", nargs="+", default=["quick", "paper"], choices=["quick", "paper"])
+    group.add_argument("--cft-presets", nargs="*", default=["quick"], choices=["quick", "paper"])
+    group.add_argument("--cft-modes", nargs="+", default=["reg", "seg", "pos_seg"], choices=["reg", "seg", "pos_seg"])
+    group.add_argument("--train-batch", type=int, default=32, help="batch size of the quick preset (default 32)")
+    group.add_argument("--train-batch-paper", type=int, default=8, help="batch size of the paper preset (default 8)")
+    group.add_argument("--train-warmup", type=int, default=1, help="untimed iterations on the CPU (default 1)")
+    group.add_argument("--train-iters", type=int, default=5, help="timed iterations, quick preset, CPU (default 5)")
+    group.add_argument("--train-iters-paper", type=int, default=3, help="timed iterations, paper preset, CPU (default 3)")
+    group.add_argument("--cuda-warmup", type=int, default=3, help="untimed iterations on CUDA (default 3)")
+    group.add_argument("--cuda-iters", type=int, default=20, help="timed iterations on CUDA (default 20)")
+
+
+# --------------------------------------------------------------------------------------------
+# section: counterfactual inference latency
+# --------------------------------------------------------------------------------------------
+
+
+def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Latency of ``DeepSCM.counterfactual`` per (preset, device setting, batch, particles)."""
+    import torch
+
+    from monai_cft.engines.common import autocast
+
+    names, ranges = variables_and_ranges()
+    target = {"lumen_mid": 0.5 * (ranges["lumen_mid"][0] + ranges["lumen_mid"][1])}
+    budget = 0.0 if args.tiny else args.repeat_budget
+    rows = []
+    for preset in args.inference_presets:
+        _, size = preset_geometry(preset, args.tiny)
+        for device, threads in _device_settings(args):
+            label = _settings_label(device, threads)
+            if device == "cuda" and not cuda_available():
+                rows.append({"preset": "tiny" if args.tiny else preset, "setting": label, "note": NO_GPU})
+                continue
+            with _threads_or_null(threads):
+                torch.manual_seed(0)
+                model = build_benchmark_dscm(preset, size, args.tiny).to(device).eval()
+                data = random_batch(max(args.inference_batches), size)
+                x_all, pa_all = data["image"].to(device), data["variables"].to(device)
+                for batch in args.inference_batches:
+                    x, pa = x_all[:batch], pa_all[:batch]
+                    for particles in args.particles:
+                        def call() -> None:
+                            with autocast(device, device == "cuda"):
+                                model.counterfactual(x, pa, target, num_particles=particles)
+
+                        # one untimed call warms every shape up; a many-particle run repeats the one-particle
+                        # shapes, so after a one-particle run of the same batch it needs no warm-up of its own
+                        warm = 0 if particles > 1 and 1 in args.particles and device == "cpu" else 1
+                        print(f"[inference] {preset} {label} batch {batch} particles {particles}", file=sys.stderr)
+                        times = time_calls(call, device, warmup=warm, budget_s=budget, min_repeats=1)
+                        sec = median(times)
+                        rows.append({"preset": "tiny" if args.tiny else preset, "setting": label, "batch": batch,
+                                     "particles": particles, "seconds": sec, "repeats": len(times),
+                                     "ms_per_image": 1000.0 * sec / batch, "params": count_parameters(model)})
+    return rows
+
+
+def bench_inference(args: argparse.Namespace) -> str:
+    """Counterfactual inference latency per image (``DeepSCM.counterfactual``)."""
+    rows = inference_measurements(args)
+    table = []
+    for r in rows:
+        if r.get("note"):
+            table.append([r["preset"], r["setting"], "", "", r["note"], "", ""])
+            continue
+        table.append([r["preset"], r["setting"], r["batch"], r["particles"], fmt(r["ms_per_image"], 1),
+                      fmt(1000.0 * r["seconds"], 1), r["repeats"]])
+    header = ["preset", "device", "batch", "particles", "ms / image", "ms / call (median)", "timed calls"]
+    return (
+        f"`python scripts/benchmark.py --only inference` on {machine_description()}.\n\n"
+        f"{markdown_table(header, table)}\n\n"
+        "`DeepSCM.counterfactual(x, parents, {'lumen_mid': value}, num_particles=k)` of a randomly initialised "
+        "DSCM (HVAE preset of the same name; the speed does not depend on the weights) in eval mode: "
+        "normalisation, abduction of the parents' noise and counterfactual parents through the flows, then "
+        "per particle one HVAE pass (posterior latents) and one decoding with the counterfactual parents; "
+        "the particles' mean (and standard deviation when k > 1). ms / image = median seconds per call / "
+        "batch. Calls are repeated until they took "
+        f"{args.repeat_budget:g} s (at least once) after one untimed warm-up call; on the CPU a many-particle "
+        "run directly follows the one-particle run of the same batch, which warms its shapes up. CUDA rows: "
+        "bfloat16 autocast, inputs already on the GPU."
+    )
+
+
+def _inference_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inference section")
+    group.add_argument("--inference-presets", nargs="+", default=["quick", "paper"], choices=["quick", "paper"])
+    group.add_argument("--inference-batches", nargs="+", type=int, default=[1, 32])
+    group.add_argument("--particles", nargs="+", type=int, default=[1, 8])
+
+
+# --------------------------------------------------------------------------------------------
+# section: the quickstart pipeline's stage times
+# --------------------------------------------------------------------------------------------
+
+
+def pipeline_stage_names(output_dir: Path) -> list[str]:
+    """The stage names of ``python -m monai_cft.pipeline`` in running order ([] if it cannot be imported)."""
+    try:
+        from monai_cft.pipeline import build_stages, parse_args
+
+        return [s.name for s in build_stages(parse_args(["--output-dir", str(output_dir)]))]
+    except (ImportError, SystemExit, ValueError):
+        return []
+
+
+def read_stage_times(output_dir: Path) -> list[dict[str, Any]]:
+    """The ``<output_dir>/stages/*.json`` markers of ``python -m monai_cft.pipeline``, in pipeline order
+    (stages the pipeline does not list, e.g. from another version, come last by finishing time)."""
+    stage_dir = Path(output_dir) / "stages"
+    markers = []
+    for path in sorted(stage_dir.glob("*.json")) if stage_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"stage marker {path} is not valid JSON: {e}") from e
+        if not isinstance(record, dict) or not isinstance(record.get("seconds"), (int, float)):
+            raise ValueError(f"stage marker {path} has no numeric 'seconds': {record!r}")
+        record.setdefault("stage", path.stem)
+        markers.append(record)
+    rank = {name: i for i, name in enumerate(pipeline_stage_names(output_dir))}
+    return sorted(markers, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("finished", ""))))
+
+
+def _command_option(command: Any, option: str) -> str | None:
+    if isinstance(command, list) and option in command:
+        i = command.index(option)
+        return str(command[i + 1]) if i + 1 < len(command) else None
+    return None
+
+
+def bench_quickstart(args: argparse.Namespace) -> str:
+    """Stage times of the last ``python -m monai_cft.pipeline`` run (its ``stages/*.json`` markers)."""
+    out = Path(args.outputs_dir)
+    stages = read_stage_times(out)
+    if not stages:
+        return (f"The quickstart has not been run: no stage markers under `{out / 'stages'}`. Run "
+                "`python -m monai_cft.pipeline` (see the README), then "
+                "`python scripts/benchmark.py --only quickstart --write-docs docs/benchmarks.md`.")
+    total = sum(float(s["seconds"]) for s in stages)
+    rows = [[f"`{s['stage']}`", f"{float(s['seconds']):.1f}", f"{float(s['seconds']) / 60:.1f}",
+             s.get("finished", "")] for s in stages]
+    rows.append(["**total**", f"**{total:.1f}**", f"**{total / 60:.1f}**", ""])
+    details = []
+    for s in stages:
+        for option, what in (("--num-cases", "cases"), ("--preset", "preset"), ("--workers", "workers")):
+            value = _command_option(s.get("command"), option)
+            if value is not None and f"{what} {value}" not in details:
+                details.append(f"{what} {value}")
+    missing = [name for name in pipeline_stage_names(out) if name not in {s["stage"] for s in stages}]
+    text = (
+        f"Stage times of `python -m monai_cft.pipeline` read from `{out / 'stages'}/*.json` "
+        f"({', '.join(details) or 'settings not recorded'}), tabulated on {machine_description()} "
+        "(the load average is of the moment of tabulation, not of the run).\n\n"
+        f"{markdown_table(['stage', 'seconds', 'minutes', 'finished'], rows)}\n\n"
+        "Each stage's wall time as the pipeline recorded it (a stage skipped because it had finished in an "
+        "earlier run keeps its earlier time)."
+    )
+    if missing:
+        text += f" Stages without a marker (not run, or failed): {', '.join(f'`{m}`' for m in missing)}."
+    return text
+
+
+def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quickstart section")
+    group.add_argument("--outputs-dir", default=str(Path(__file__).resolve().parent.parent / "outputs"),
+                       help="the pipeline's --output-dir (default: outputs/ of the repository)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,18 +971,39 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 #: section name -> (markdown heading, benchmark function, argument adder)
 SECTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], str], Callable[[argparse.ArgumentParser], None]]] = {
     "data": ("Data generation and preparation", bench_data, _data_arguments),
+    "scpr": ("sCPR straightening", bench_scpr, _scpr_arguments),
+    "training": ("Training throughput", bench_training, _training_arguments),
+    "inference": ("Counterfactual inference latency", bench_inference, _inference_arguments),
+    "quickstart": ("Quickstart pipeline", bench_quickstart, _quickstart_arguments),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: global options plus every section's own group."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=None,
                         help="sections to run (default: all)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes where a section uses them")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                        help="torch intra-op thread counts of the CPU measurements (default: 1 2)")
+    parser.add_argument("--repeat-budget", type=float, default=5.0, metavar="S",
+                        help="repeat a timed call until the repeats took this many seconds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms (data, scpr)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: toy sizes and one repeat (numbers meaningless; not with --write-docs)")
     parser.add_argument("--write-docs", default=None, metavar="MD", help="update this markdown file's sections")
     for _, _, add in SECTIONS.values():
         add(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.tiny and args.write_docs:
+        parser.error("--tiny measures toy sizes; its numbers must not be written to the docs (drop --write-docs).")
+    if min(args.threads) < 1:
+        parser.error(f"--threads must be positive, got {args.threads}.")
     for name in args.only or list(SECTIONS):
         heading, fn, _ = SECTIONS[name]
         body = fn(args)

@@ -225,7 +225,8 @@ def test_elbo_target_measured_at_start_or_given(world):
 
 
 def test_resume_restores_step_lambda_and_weights(world, tmp_path):
-    first = trainer_for(world, epoch_length=4, checkpoint_dir=tmp_path, checkpoint_interval=2, lagrange_init=0.3)
+    first = trainer_for(world, epoch_length=4, checkpoint_dir=tmp_path, checkpoint_interval=2, lagrange_init=0.3,
+                        lr_warmup_steps=10)
     first.run()
     state_file = tmp_path / "cft_pos_seg_state.pt"
     assert state_file.is_file()
@@ -234,7 +235,8 @@ def test_resume_restores_step_lambda_and_weights(world, tmp_path):
     lam, eps = first.constraint.lmbda.item(), first.constraint.eps.item()
     assert lam != pytest.approx(0.3)  # the multiplier moved
 
-    second = trainer_for(world, max_epochs=2, epoch_length=4, checkpoint_dir=tmp_path, lagrange_init=0.0)
+    second = trainer_for(world, max_epochs=2, epoch_length=4, checkpoint_dir=tmp_path, lagrange_init=0.0,
+                         lr_warmup_steps=10)
     seen = {}
 
     def record(engine):
@@ -244,11 +246,14 @@ def test_resume_restores_step_lambda_and_weights(world, tmp_path):
             eps=engine.constraint.eps.item(),
             same=all(torch.equal(a, b) for a, b in zip(engine.hvae.parameters(), first.hvae.parameters())),
             ema=all(torch.equal(a, b) for a, b in zip(engine.ema.parameters(), first.ema.parameters())),
+            lr=engine.optimizer.param_groups[0]["lr"],
         )
 
     second.add_event_handler(Events.STARTED, record)
     second.run()
-    assert seen == {"iteration": 4, "lam": lam, "eps": eps, "same": True, "ema": True}
+    lr = first.optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-4 * 5 / 10)  # linear warm-up after 4 updates
+    assert seen == {"iteration": 4, "lam": lam, "eps": eps, "same": True, "ema": True, "lr": lr}
     assert second.state.iteration == 8 and second.state.epoch == 2
     assert torch.load(state_file, weights_only=True)["engine"]["iteration"] == 8
 

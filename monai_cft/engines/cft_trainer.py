@@ -46,7 +46,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 from torch.optim import Optimizer
 
-from monai_cft.engines.common import ModelEMA, PrepareBatchKeys, autocast, clip_and_check
+from monai_cft.engines.common import ModelEMA, PrepareBatchKeys, autocast, clip_and_check, linear_warmup
 from monai_cft.losses.guidance import RegressorGuidanceLoss, SegmentorGuidanceLoss
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
@@ -150,6 +150,8 @@ class CFTTrainer(Trainer):
         optimizer: optimizer of the HVAE's parameters (exactly those); default ``AdamW(lr, betas=(0.9, 0.9),
             weight_decay)``.
         lr, betas, weight_decay: of the default optimizer.
+        lr_warmup_steps: linear learning-rate warm-up over this many (non-skipped) updates
+            (:func:`~monai_cft.engines.common.linear_warmup`); 0 = constant.
         lagrange_lr: learning rate of the Lagrange multiplier's AdamW (gradient ascent).
         lagrange_init, damping: see :class:`ConstrainedELBO`.
         elbo_target: ``eps`` (nats per image element); ``None`` measures it when the run starts as
@@ -184,6 +186,7 @@ class CFTTrainer(Trainer):
         guidance_loss: nn.Module | None = None,
         optimizer: Optimizer | None = None,
         lr: float = 1e-4,
+        lr_warmup_steps: int = 0,
         betas: Sequence[float] = (0.9, 0.9),
         weight_decay: float = 0.01,
         lagrange_lr: float = 1e-2,
@@ -259,6 +262,7 @@ class CFTTrainer(Trainer):
                     "guidance networks stay frozen)."
                 )
         self.optimizer = optimizer
+        self.lr_scheduler = linear_warmup(optimizer, lr_warmup_steps)
         self.constraint = ConstrainedELBO(damping, lagrange_init, elbo_target).to(self.state.device)
         self.lagrange_optimizer = torch.optim.AdamW(
             [self.constraint.lmbda], lr=lagrange_lr, betas=tuple(betas), weight_decay=0.0, maximize=True
@@ -378,6 +382,7 @@ class CFTTrainer(Trainer):
             "hvae": self.hvae.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "lagrange_optimizer": self.lagrange_optimizer.state_dict(),
             "constraint": self.constraint.state_dict(),
             "engine": {k: int(v) for k, v in self.state_dict().items() if v is not None},
@@ -410,6 +415,7 @@ class CFTTrainer(Trainer):
         self.hvae.load_state_dict(state["hvae"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.lagrange_optimizer.load_state_dict(state["lagrange_optimizer"])
         self.constraint.load_state_dict(state["constraint"])
         max_epochs = self.state.max_epochs
@@ -498,6 +504,7 @@ class CFTTrainer(Trainer):
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if not skipped:
             engine.optimizer.step()
+            engine.lr_scheduler.step()
             engine.lagrange_optimizer.step()
             engine.constraint.clamp_()
             engine.ema.update(engine.hvae)
