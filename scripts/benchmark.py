@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -66,8 +67,14 @@ def machine_description() -> str:
             versions.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
             pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{cores} cores (nproc), {model}; {gpu_description()}; load average at start {load}; {', '.join(versions)}"
+    omp = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return (f"{cores} cores (nproc), {model}; {gpu_description()}; load average at start {load_average()}; "
+            f"{', '.join(versions)}; OMP_WAIT_POLICY {omp}")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``"3.1, 2.8, 3.2"``."""
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def gpu_description() -> str:
@@ -130,7 +137,28 @@ def time_calls(
     return times
 
 
+class TimeBudget:
+    """Wall-clock budget of a section: a configuration predicted to take longer than ``cap_s`` or than
+    what is left of ``total_s`` is skipped, and its row says so (on a busy shared machine a
+    configuration can be many times slower than usual)."""
+
+    def __init__(self, total_s: float, cap_s: float) -> None:
+        self.total_s, self.cap_s = float(total_s), float(cap_s)
+        self.deadline = time.perf_counter() + self.total_s
+
+    def skip_reason(self, predicted_s: float | None) -> str | None:
+        """``None`` to run a configuration predicted to take ``predicted_s`` (``None``: unknown), else the note."""
+        left = self.deadline - time.perf_counter()
+        if predicted_s is not None and predicted_s > self.cap_s:
+            return f"skipped: predicted {predicted_s:.0f} s > --config-cap {self.cap_s:g} s"
+        if left <= 0 or (predicted_s is not None and predicted_s > left):
+            return (f"skipped: predicted {predicted_s or 0:.0f} s > the {max(left, 0):.0f} s left of "
+                    f"--section-budget {self.total_s:g} s")
+        return None
+
+
 def median(values: Sequence[float]) -> float:
+    """Median of ``values`` (NaN when empty)."""
     return float(statistics.median(values)) if values else float("nan")
 
 
@@ -147,9 +175,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def count_parameters(module: Any, trainable: bool | None = None) -> int:
-    """Number of parameter elements of a torch module (only trainable / frozen ones if asked)."""
-    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+def count_parameters(module: Any) -> int:
+    """Number of parameter elements of a torch module."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def _current_rss_kb() -> int | None:
@@ -224,13 +252,14 @@ class PeakMemory:
 
 
 def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (the GPU rows run only then)."""
     import torch
 
     return torch.cuda.is_available()
 
 
 def fmt(value: float, digits: int = 2) -> str:
-    """A number for a table: ``digits`` significant decimals for small values, none for large ones."""
+    """A number for a table: ``digits`` decimals below 10, one below 100, none above; ``n/a`` for NaN."""
     if value != value:  # NaN
         return "n/a"
     if abs(value) >= 100:
@@ -238,6 +267,11 @@ def fmt(value: float, digits: int = 2) -> str:
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.{digits}f}"
+
+
+def command_line(args: argparse.Namespace, section: str) -> str:
+    """The command that produced a section's numbers (as given to :func:`main`)."""
+    return getattr(args, "command", None) or f"python scripts/benchmark.py --only {section}"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -278,6 +312,7 @@ def bench_data(args: argparse.Namespace) -> str:
     from monai_cft.data.synthetic import generate_dataset
 
     n, workers, target = args.num_cases, args.workers, args.target_cases
+    machine = machine_description()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="monai_cft_bench_"))
     raw = root / "raw"
     print(f"[data] {n} cases, {workers} workers, in {root}", file=sys.stderr)
@@ -325,7 +360,7 @@ def bench_data(args: argparse.Namespace) -> str:
          f"extrapolated wall s, {target} cases", f"projected wall s on idle cores, {target} cases"], rows)
     return (
         f"`python scripts/benchmark.py --only data --num-cases {n} --workers {workers}` on "
-        f"{machine_description()}.\n\n{table}\n\n"
+        f"{machine}.\n\n{table}\n\n"
         "Each stage runs three times: doing all the work, then twice with every case done, which measures "
         "the start-up (spawning the workers, each importing numpy / MONAI, plus the skip checks; the mean "
         "of the two). cases/s is "
@@ -395,9 +430,11 @@ def random_batch(batch: int, img_size: Sequence[int], seed: int = 0) -> dict[str
     return {"image": image, "variables": variables}
 
 
-def _per_iteration_times(engine: Any, device: Any) -> list[float]:
+def _per_iteration_times(engine: Any, device: Any, warmup: int = 0, min_timed: int = 2,
+                         cap_s: float = float("inf")) -> list[float]:
     """Attach handlers to an Ignite engine that record each iteration's wall seconds (batch fetching
-    excluded: the clock starts at ``ITERATION_STARTED``); returns the list they fill."""
+    excluded: the clock starts at ``ITERATION_STARTED``); returns the list they fill. The engine is
+    terminated once at least ``min_timed`` iterations after the first ``warmup`` took ``cap_s`` seconds."""
     from ignite.engine import Events
 
     times: list[float] = []
@@ -407,13 +444,27 @@ def _per_iteration_times(engine: Any, device: Any) -> list[float]:
         sync(device)
         start[0] = time.perf_counter()
 
-    def completed(_: Any) -> None:
+    def completed(eng: Any) -> None:
         sync(device)
         times.append(time.perf_counter() - start[0])
+        timed = times[warmup:]
+        if len(timed) >= min_timed and sum(timed) >= cap_s:
+            eng.terminate()
 
     engine.add_event_handler(Events.ITERATION_STARTED, started)
     engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
     return times
+
+
+def estimate_from_other_setting(measured: dict[Any, dict[str, float]], key: Any, setting: str,
+                                reference: str) -> tuple[float, float] | None:
+    """Predict the seconds of ``key`` under ``setting`` from its time under ``reference`` and the median
+    ratio setting / reference of the keys already measured under both; ``(seconds, ratio)`` or ``None``."""
+    ratios = [t[setting] / t[reference] for k, t in measured.items() if k != key and setting in t and reference in t]
+    if not ratios or reference not in measured.get(key, {}):
+        return None
+    ratio = median(ratios)
+    return ratio * measured[key][reference], ratio
 
 
 def _device_settings(args: argparse.Namespace) -> list[tuple[str, int | None]]:
@@ -423,6 +474,29 @@ def _device_settings(args: argparse.Namespace) -> list[tuple[str, int | None]]:
 
 def _settings_label(device: str, threads: int | None) -> str:
     return f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else "CUDA, bf16 autocast"
+
+
+def thread_scaling_note(rows: Sequence[dict[str, Any]], keys: Sequence[str], threads: Sequence[int]) -> str:
+    """A sentence, computed from the rows, on the time with the second thread count relative to the first."""
+    if len(threads) < 2:
+        return ""
+    first, second = _settings_label("cpu", threads[0]), _settings_label("cpu", threads[1])
+    by_config: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if "seconds" in r and r["seconds"] == r["seconds"]:  # measured (not NaN)
+            by_config.setdefault(tuple(r[k] for k in keys), {})[r["setting"]] = r["seconds"]
+    ratios = [t[second] / t[first] for t in by_config.values() if first in t and second in t]
+    if not ratios:
+        return ""
+    mid = median(ratios)
+    text = (f" With {threads[1]} threads a configuration took {mid:.2f}x its {threads[0]}-thread time (median of "
+            f"{len(ratios)}, range {min(ratios):.2f}-{max(ratios):.2f}).")
+    if mid > 1.0:
+        text += (" More threads were slower here: every parallel region of an operation waits for its slowest "
+                 "thread, and with the cores shared with other jobs (see the load average) a thread is often "
+                 "descheduled for milliseconds, which many small operations pay again and again. Measure on "
+                 "an idle machine for the parallel speed-up.")
+    return text
 
 
 def _threads_or_null(threads: int | None) -> contextlib.AbstractContextManager:
@@ -460,22 +534,21 @@ def world_to_voxel(grid_world: Any, affine: Any) -> Any:
     return np.asarray(grid_world, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
 
 
-def scipy_sample(volume: Any, voxels: Any, width: int, padding: float) -> Any:
+def scipy_sample(volume: Any, voxels: Any, width: int, padding: float, mode: str = "grid-constant") -> Any:
     """The SciPy reference of the sampling: trilinear ``map_coordinates`` (order 1) of a (X, Y, Z)
     float32 volume at (..., Wv, 3) voxel coordinates; columns ``Wv..width-1`` and every point outside
     are ``padding``.
 
-    ``mode="grid-constant"`` extends the volume with ``padding`` *and interpolates* across its
-    border, which is the transform's constant padding; ``mode="constant"`` would instead set every
-    point beyond the outermost voxel centres to ``padding`` outright (up to ~1000 HU different in
-    the outermost half voxel). Returns (..., width) float32.
+    ``mode="grid-constant"`` (default) extends the volume with ``padding`` *and interpolates* across
+    its border, which is the transform's constant padding; ``mode="constant"`` instead sets every
+    point beyond the outermost voxel centres to ``padding`` outright. Returns (..., width) float32.
     """
     import numpy as np
     from scipy.ndimage import map_coordinates
 
     out = np.full((*voxels.shape[:-2], width), padding, dtype=np.float32)
     out[..., : voxels.shape[-2]] = map_coordinates(volume, np.moveaxis(voxels, -1, 0), order=1,
-                                                   mode="grid-constant", cval=padding, output=np.float32)
+                                                   mode=mode, cval=padding, output=np.float32)
     return out
 
 
@@ -502,7 +575,8 @@ def straighten_batched(cpr: Any, images: Sequence[Any], centerlines: Sequence[An
 
     device = torch.device(device)
     shapes = [tuple(int(s) for s in img.shape[1:]) for img in images]
-    plans = [cpr.plan(c, img.affine, s) for img, c, s in zip(images, centerlines, shapes)]
+    affines = [torch.as_tensor(img.affine).detach().cpu().to(torch.float64) for img in images]  # planning: CPU
+    plans = [cpr.plan(c, a, s) for a, c, s in zip(affines, centerlines, shapes)]
     block = [max(s[k] for s in shapes) + 2 for k in range(3)]
     channels = int(images[0].shape[0])
     data = torch.full((len(images), channels, *block), cpr.padding_value, dtype=torch.float32, device=device)
@@ -531,7 +605,7 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from monai_cft.transforms.cpr import StraightenCPR
 
-    num = 1 if args.tiny else args.scpr_volumes
+    num = 2 if args.tiny else args.scpr_volumes
     budget = 0.0 if args.tiny else args.repeat_budget
     print(f"[scpr] rendering {num} phantom volumes", file=sys.stderr)
     cases = phantom_volumes(num, args.seed)
@@ -544,11 +618,14 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
         spacing, size = preset_geometry(preset, args.tiny)
         for out_dims in args.scpr_out_dims:
             cpr = StraightenCPR(size, spacing, mode="bilinear", padding_value=pad, out_dims=out_dims)
+            batched = f"batched: {num} volume{'s' if num > 1 else ''}, one `grid_sample`"
             plans = [cpr.plan(c["centerline"], c["image"].affine, s) for c, s in zip(cases, shapes)]
             voxels = [world_to_voxel(p.grid_world.numpy(), a) for p, a in zip(plans, affines)]
             reference = [scipy_sample(v, vox, size[1], pad) for v, vox in zip(arrays, voxels)]
-            base = {"preset": preset if not args.tiny else "tiny", "out_dims": out_dims, "size": size,
-                    "spacing": spacing, "volumes": num, "volume_shapes": shapes,
+            constant = max(float(np.abs(scipy_sample(v, vox, size[1], pad, "constant") - r).max())
+                           for v, vox, r in zip(arrays, voxels, reference))
+            base = {"preset": f"{preset} (tiny)" if args.tiny else preset, "out_dims": out_dims, "size": size,
+                    "spacing": spacing, "volumes": num, "volume_shapes": shapes, "constant_mode_hu": constant,
                     "voxel_mm": [np.linalg.norm(a[:3, :3], axis=0).tolist() for a in affines]}
             print(f"[scpr] {preset} {out_dims}D {size}", file=sys.stderr)
 
@@ -576,21 +653,18 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
             def transform_all(images: Sequence[Any]) -> list[Any]:
                 return [cpr(img, c["centerline"]) for img, c in zip(images, cases)]
 
-            record("SciPy `map_coordinates` (order 1)", "plan + sample", "CPU, 1 thread", scipy_full,
-                   check=lambda: diff(scipy_full()))
-            images = [c["image"] for c in cases]
+            images, lines = [c["image"] for c in cases], [c["centerline"] for c in cases]
+            tensors, padding = [img.as_tensor() for img in images], torch.full((1,), pad)
+            record("SciPy `map_coordinates` (order 1)", "plan + sample", "CPU, 1 thread", scipy_full)
             for threads in args.threads:
                 with torch_threads(threads):
                     record("`StraightenCPR`", "plan + sample + meta", _settings_label("cpu", threads),
                            lambda: transform_all(images), check=lambda: diff(transform_all(images)))
-                    record(f"batched, {num} volumes / `grid_sample`", "plan + sample", _settings_label("cpu", threads),
-                           lambda: straighten_batched(cpr, images, [c["centerline"] for c in cases]),
-                           check=lambda: diff(straighten_batched(cpr, images, [c["centerline"] for c in cases])[:, 0]))
-            padding = torch.full((1,), pad)
-            tensors = [img.as_tensor() for img in images]
+                    record(batched, "plan + sample", _settings_label("cpu", threads),
+                           lambda: straighten_batched(cpr, images, lines),
+                           check=lambda: diff(straighten_batched(cpr, images, lines)[:, 0]))
             record("SciPy `map_coordinates` (order 1)", "sample only", "CPU, 1 thread",
-                   lambda: [scipy_sample(v, vox, size[1], pad) for v, vox in zip(arrays, voxels)],
-                   check=lambda: 0.0)
+                   lambda: [scipy_sample(v, vox, size[1], pad) for v, vox in zip(arrays, voxels)])
             for threads in args.threads:
                 with torch_threads(threads):
                     record("`SCPRGeometry.sample` (`grid_sample`)", "sample only", _settings_label("cpu", threads),
@@ -600,12 +674,12 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
                 gpu = [img.to("cuda") for img in images]
                 record("`StraightenCPR`", "plan + sample + meta", "CUDA (volumes on the GPU)",
                        lambda: transform_all(gpu), "cuda", check=lambda: diff(transform_all(gpu)))
-                record(f"batched, {num} volumes / `grid_sample`", "plan + sample", "CUDA (volumes on the GPU)",
-                       lambda: straighten_batched(cpr, gpu, [c["centerline"] for c in cases], "cuda"), "cuda",
-                       check=lambda: diff(straighten_batched(cpr, gpu, [c["centerline"] for c in cases], "cuda")[:, 0]))
+                record(batched, "plan + sample", "CUDA (volumes on the GPU)",
+                       lambda: straighten_batched(cpr, gpu, lines, "cuda"), "cuda",
+                       check=lambda: diff(straighten_batched(cpr, gpu, lines, "cuda")[:, 0]))
             else:
                 record("`StraightenCPR`", "plan + sample + meta", "CUDA", None)
-                record(f"batched, {num} volumes / `grid_sample`", "plan + sample", "CUDA", None)
+                record(batched, "plan + sample", "CUDA", None)
     # throughput and the ratio to the SciPy reference of the same scope
     for row in rows:
         row["volumes_per_s"] = row["volumes"] / row["seconds"] if row["seconds"] == row["seconds"] else float("nan")
@@ -618,7 +692,13 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def bench_scpr(args: argparse.Namespace) -> str:
     """sCPR straightening throughput of ``StraightenCPR`` against SciPy ``map_coordinates`` on the same points."""
+    machine = machine_description()
     rows = scpr_measurements(args)
+    return scpr_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+
+
+def scpr_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str = "") -> str:
+    """The ``scpr`` section's markdown for the rows of :func:`scpr_measurements`."""
     table = []
     for r in rows:
         h, w = r["size"]
@@ -626,15 +706,17 @@ def bench_scpr(args: argparse.Namespace) -> str:
         if r.get("note"):
             table.append([r["preset"], shape, r["scope"], r["implementation"], r["setting"], r["note"], "", "", ""])
             continue
+        reference = r["implementation"].startswith("SciPy")
         table.append([r["preset"], shape, r["scope"], r["implementation"], r["setting"], fmt(r["volumes_per_s"]),
-                      fmt(1000.0 * r["seconds"] / r["volumes"]), f"{r['ratio']:.2f}x", f"{r['max_abs_hu']:.3g}"])
+                      fmt(1000.0 * r["seconds"] / r["volumes"]), f"{r['ratio']:.2f}x",
+                      "(reference)" if reference else f"{r['max_abs_hu']:.3g}"])
     num = rows[0]["volumes"] if rows else 0
     mean_shape = " x ".join(f"{sum(s[k] for s in rows[0]['volume_shapes']) / num:.0f}" for k in range(3))
     voxel = " x ".join(f"{sum(v[k] for v in rows[0]['voxel_mm']) / num:.2f}" for k in range(3))
     header = ["preset", "output (px)", "scope", "implementation", "device", "volumes/s", "ms / volume",
               "vs SciPy (same scope)", "max abs diff vs SciPy (HU)"]
     return (
-        f"`python scripts/benchmark.py --only scpr --scpr-volumes {args.scpr_volumes}` on {machine_description()}.\n\n"
+        f"`{command_line(args, 'scpr')}` on {machine or machine_description()}.\n\n"
         f"{markdown_table(header, table)}\n\n"
         f"{num} phantom volumes (`monai_cft.data.phantom`, seeds {args.seed}..{args.seed + num - 1}, float32 "
         f"`MetaTensor`s with their affines, on average {mean_shape} voxels of {voxel} mm) straightened "
@@ -646,11 +728,13 @@ def bench_scpr(args: argparse.Namespace) -> str:
         "reference converts the plan's world grid (`scpr_grid_world`) with the inverse affine and calls "
         "`scipy.ndimage.map_coordinates(order=1, mode='grid-constant', cval=-1024)` (single-threaded); "
         "`grid-constant` is the transform's padding semantics (interpolating into the padding across the "
-        "border), `constant` would differ by up to ~1000 HU in the outermost half voxel. The last column is "
+        f"border); `mode='constant'` would differ from it by up to {max(r['constant_mode_hu'] for r in rows):.0f} HU "
+        "here (points in the outermost half voxel get the padding outright). The last column is "
         "the largest difference of any pixel from the reference (float32 rounding). The batched rows pad all "
         "volumes into one block and sample them with a single `grid_sample` call (`straighten_batched` in "
         "this script, not a library API; plain tensors out, no metadata). CUDA rows time volumes already on "
         "the GPU (planning stays on the CPU)."
+        + thread_scaling_note(rows, ("preset", "out_dims", "implementation", "scope"), args.threads)
     )
 
 
@@ -695,10 +779,12 @@ def build_guidance_loss(mode: str, img_size: Sequence[int], spacing: float, vari
 
 
 def _train_run(kind: str, preset: str, batch: int, device: str, threads: int | None, warmup: int, iters: int,
-               tiny: bool) -> dict[str, Any]:
+               tiny: bool, cap_s: float = float("inf")) -> dict[str, Any]:
     """Time ``warmup + iters`` iterations of a ``DSCMTrainer`` (``kind="dscm"``) or ``CFTTrainer``
-    (``kind`` a CFT mode) on one random batch; returns seconds per iteration and peak memory."""
+    (``kind`` a CFT mode) on one random batch (fewer, but at least two, once the timed ones took ``cap_s``);
+    returns the median seconds per timed iteration, their number, peak memory and parameter counts."""
     import torch
+    from ignite.engine import Events
 
     from monai_cft.engines.cft_trainer import CFTTrainer
     from monai_cft.engines.dscm_trainer import DSCMTrainer
@@ -719,26 +805,46 @@ def _train_run(kind: str, preset: str, batch: int, device: str, threads: int | N
             trainer = CFTTrainer(device, 1, batches, dscm, kind, guidance, epoch_length=len(batches),
                                  elbo_target=1.0, grad_skip=None, checkpoint_dir=None, amp=amp)
             params = {"trainable": count_parameters(trainer.hvae), "frozen": count_parameters(guidance.network)}
-        times = _per_iteration_times(trainer, device)
+        times = _per_iteration_times(trainer, device, warmup, min(2, iters), cap_s)
+        skipped: list[bool] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: skipped.append(bool(e.state.output["skipped"])))
         trainer.run()
-    skipped = getattr(trainer.state, "skipped_updates", 0) if kind == "dscm" else None
     timed = times[warmup:]
+    if any(skipped[warmup:]):  # a skipped update would make the iteration cheaper than a real one
+        raise RuntimeError(f"{kind} ({preset}): {sum(skipped[warmup:])} timed update(s) were skipped (non-finite "
+                           "loss); the timing would not be that of a full iteration.")
     return {"seconds": median(timed), "iterations": len(timed), "peak_mib": mem.peak_mib, "memory": mem.method,
-            "skipped": skipped, **params}
+            **params}
 
 
 def training_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One dict per (model, preset, device setting): images/s, peak memory, parameter counts."""
+    """One dict per (model, preset, device setting): images/s, peak memory, parameter counts.
+
+    Settings run one after the other (all configurations on the CPU with the first thread count, then
+    the next, then CUDA). A configuration's time per iteration under a later setting is predicted from
+    its time under the first one and the ratio seen on the configurations before it; one predicted
+    not to fit ``--config-cap`` / ``--section-budget`` (warm-up plus two iterations) is skipped and says
+    so. Timed iterations stop early (after two) once they took ``3 x --repeat-budget`` seconds.
+    """
     tiny = args.tiny
     configs = [("dscm", preset) for preset in args.train_presets]
     configs += [(mode, preset) for preset in args.cft_presets for mode in args.cft_modes]
+    settings = _device_settings(args)
+    reference = _settings_label(*settings[0])
+    budget = TimeBudget(args.section_budget, args.config_cap)
+    measured: dict[Any, dict[str, float]] = {}
     rows = []
-    for kind, preset in configs:
-        batch = args.train_batch if preset == "quick" else args.train_batch_paper
-        batch = min(batch, 4) if tiny else batch
-        for device, threads in _device_settings(args):
+    for device, threads in settings:
+        label = _settings_label(device, threads)
+        if device == "cpu" or cuda_available():
+            for kind, preset in dict.fromkeys(configs):  # untimed toy runs: one-time initialisations (thread
+                _train_run(kind, preset, 2, device, threads, 0, 1, tiny=True)  # pools, kernels) stay out of the rows
+        for kind, preset in configs:
+            batch = args.train_batch if preset == "quick" else args.train_batch_paper
+            batch = min(batch, 4) if tiny else batch
             row = {"model": "DSCM" if kind == "dscm" else f"CFT `{kind}`", "kind": kind,
-                   "preset": "tiny" if tiny else preset, "batch": batch, "setting": _settings_label(device, threads)}
+                   "preset": f"{preset} (tiny)" if tiny else preset, "batch": batch, "setting": label,
+                   "order": (configs.index((kind, preset)), settings.index((device, threads)))}
             if device == "cuda" and not cuda_available():
                 rows.append(dict(row, note=NO_GPU))
                 continue
@@ -748,16 +854,30 @@ def training_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
                 warmup = args.train_warmup
                 iters = args.train_iters if preset == "quick" else args.train_iters_paper
             warmup, iters = (1, 2) if tiny else (warmup, iters)
-            print(f"[training] {row['model']} {preset} batch {batch} {row['setting']}: {warmup} + {iters} iterations",
+            guess = estimate_from_other_setting(measured, (kind, preset), label, reference) if device == "cpu" else None
+            reason = budget.skip_reason(None if guess is None else guess[0] * (warmup + min(2, iters)))
+            if reason:
+                if guess is not None:
+                    reason += f" ({guess[0]:.1f} s / iteration: {guess[1]:.1f}x its {reference} time)"
+                rows.append(dict(row, note=reason))
+                continue
+            print(f"[training] {row['model']} {preset} batch {batch} {label}: {warmup} + {iters} iterations",
                   file=sys.stderr)
-            res = _train_run(kind, preset, batch, device, threads, warmup, iters, tiny)
+            res = _train_run(kind, preset, batch, device, threads, warmup, iters, tiny, 3.0 * args.repeat_budget)
+            measured.setdefault((kind, preset), {})[label] = res["seconds"]
             rows.append(dict(row, **res, images_per_s=batch / res["seconds"]))
-    return rows
+    return sorted(rows, key=lambda r: r["order"])
 
 
 def bench_training(args: argparse.Namespace) -> str:
     """Training throughput (images/s) and peak memory of the DSCM and of the three CFT modes."""
+    machine = machine_description()
     rows = training_measurements(args)
+    return training_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+
+
+def training_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str = "") -> str:
+    """The ``training`` section's markdown for the rows of :func:`training_measurements`."""
     table = []
     for r in rows:
         if r.get("note"):
@@ -765,12 +885,13 @@ def bench_training(args: argparse.Namespace) -> str:
             continue
         table.append([r["model"], r["preset"], r["batch"], r["setting"], fmt(r["images_per_s"]),
                       f"{1000.0 * r['seconds']:.0f}", f"{r['iterations']}", fmt(r["peak_mib"], 0),
-                      f"{r['trainable'] / 1e6:.3f} M" + (f" (+{r['frozen'] / 1e6:.3f} M frozen)" if r["frozen"] else "")])
+                      f"{r['trainable'] / 1e6:.3f} M"
+                      + (f" (+{r['frozen'] / 1e6:.3f} M frozen)" if r["frozen"] else "")])
     header = ["model", "preset", "batch", "device", "images/s", "ms / iteration (median)", "timed iterations",
               "peak memory (MiB)", "parameters trained"]
     method = next((r["memory"] for r in rows if r.get("memory") and "CUDA" not in r["setting"]), "")
     return (
-        f"`python scripts/benchmark.py --only training` on {machine_description()}.\n\n"
+        f"`{command_line(args, 'training')}` on {machine or machine_description()}.\n\n"
         f"{markdown_table(header, table)}\n\n"
         "Iterations of the real engines on one random batch (images uniform in [-1, 1], variables uniform "
         "in plausible ranges; the speed does not depend on the values), randomly initialised networks: "
@@ -783,13 +904,17 @@ def bench_training(args: argparse.Namespace) -> str:
         "`pos_seg`: the guidance UNet, without / with the three region masks). Gradient skipping is "
         "switched off (`grad_skip=None`) so that every timed iteration does the full update. Each "
         "iteration is timed from Ignite's `ITERATION_STARTED` to `ITERATION_COMPLETED` (batch fetching "
-        f"excluded) after {args.train_warmup} untimed warm-up iteration(s) ({args.cuda_warmup} on CUDA); "
-        "images/s = batch / median seconds per iteration. CPU rows set `torch.set_num_threads`. "
+        f"excluded) after {args.train_warmup} untimed warm-up iteration(s) ({args.cuda_warmup} on CUDA); up to "
+        f"{args.train_iters} (quick) / {args.train_iters_paper} (paper) / {args.cuda_iters} (CUDA) timed iterations, "
+        f"fewer (but two) once they took {3 * args.repeat_budget:g} s; images/s = batch / median seconds per "
+        "iteration. CPU rows set `torch.set_num_threads`; configurations predicted (from the ratio to the "
+        "first thread count on the rows before them) not to fit the time limits are skipped and say so. "
         f"Peak memory on the CPU: {method or 'peak RSS above entry'} (`ru_maxrss`, after returning free heap "
         "memory to the OS and resetting the high-water mark through `/proc/self/clear_refs`): models, EMA "
         "copy, optimizer states and activations, not the Python / torch runtime. On CUDA: "
         "`torch.cuda.max_memory_allocated` (bfloat16 autocast, as the bundle runs it). Parameters: the "
         "trained ones (DSCM: HVAE + flows; CFT: the HVAE) and the frozen guidance network's."
+        + thread_scaling_note(rows, ("kind", "preset"), args.threads)
     )
 
 
@@ -802,7 +927,8 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-batch-paper", type=int, default=8, help="batch size of the paper preset (default 8)")
     group.add_argument("--train-warmup", type=int, default=1, help="untimed iterations on the CPU (default 1)")
     group.add_argument("--train-iters", type=int, default=5, help="timed iterations, quick preset, CPU (default 5)")
-    group.add_argument("--train-iters-paper", type=int, default=3, help="timed iterations, paper preset, CPU (default 3)")
+    group.add_argument("--train-iters-paper", type=int, default=3,
+                       help="timed iterations, paper preset, CPU (default 3)")
     group.add_argument("--cuda-warmup", type=int, default=3, help="untimed iterations on CUDA (default 3)")
     group.add_argument("--cuda-iters", type=int, default=20, help="timed iterations on CUDA (default 20)")
 
@@ -813,7 +939,13 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Latency of ``DeepSCM.counterfactual`` per (preset, device setting, batch, particles)."""
+    """Latency of ``DeepSCM.counterfactual`` per (preset, device setting, batch, particles).
+
+    Within a preset and setting, a configuration's time is predicted from those already measured
+    (``particles`` times the one-particle call of the same batch, or batch-proportionally from a
+    smaller batch); one predicted (with its warm-up call) not to fit ``--config-cap`` or what is left
+    of ``--section-budget`` is skipped and says so.
+    """
     import torch
 
     from monai_cft.engines.common import autocast
@@ -821,51 +953,70 @@ def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
     names, ranges = variables_and_ranges()
     target = {"lumen_mid": 0.5 * (ranges["lumen_mid"][0] + ranges["lumen_mid"][1])}
     budget = 0.0 if args.tiny else args.repeat_budget
+    section = TimeBudget(args.section_budget, args.config_cap)
+    batches, particle_counts = sorted(set(args.inference_batches)), sorted(set(args.particles))
     rows = []
     for preset in args.inference_presets:
         _, size = preset_geometry(preset, args.tiny)
+        name = f"{preset} (tiny)" if args.tiny else preset
         for device, threads in _device_settings(args):
             label = _settings_label(device, threads)
             if device == "cuda" and not cuda_available():
-                rows.append({"preset": "tiny" if args.tiny else preset, "setting": label, "note": NO_GPU})
+                rows.append({"preset": name, "setting": label, "note": NO_GPU})
                 continue
             with _threads_or_null(threads):
                 torch.manual_seed(0)
                 model = build_benchmark_dscm(preset, size, args.tiny).to(device).eval()
-                data = random_batch(max(args.inference_batches), size)
+                data = random_batch(max(batches), size)
                 x_all, pa_all = data["image"].to(device), data["variables"].to(device)
-                for batch in args.inference_batches:
+                seconds: dict[tuple[int, int], float] = {}
+                for batch in batches:
                     x, pa = x_all[:batch], pa_all[:batch]
-                    for particles in args.particles:
-                        def call() -> None:
+                    for particles in particle_counts:
+                        row = {"preset": name, "setting": label, "batch": batch, "particles": particles}
+
+                        def call(x=x, pa=pa, particles=particles) -> None:
                             with autocast(device, device == "cuda"):
                                 model.counterfactual(x, pa, target, num_particles=particles)
 
-                        # one untimed call warms every shape up; a many-particle run repeats the one-particle
-                        # shapes, so after a one-particle run of the same batch it needs no warm-up of its own
-                        warm = 0 if particles > 1 and 1 in args.particles and device == "cpu" else 1
-                        print(f"[inference] {preset} {label} batch {batch} particles {particles}", file=sys.stderr)
+                        # a many-particle call repeats the one-particle call's shapes: after that call
+                        # (same batch) it needs no warm-up of its own
+                        warm = 0 if particles > 1 and (batch, 1) in seconds else 1
+                        if (batch, 1) in seconds:
+                            guess = seconds[(batch, 1)] * particles
+                        else:
+                            smaller = [(b, t) for (b, p), t in seconds.items() if p == particles and b < batch]
+                            guess = max(smaller)[1] * batch / max(smaller)[0] if smaller else None
+                        reason = section.skip_reason(None if guess is None else guess * (warm + 1))
+                        if reason:
+                            rows.append(dict(row, note=reason))
+                            continue
+                        print(f"[inference] {name} {label} batch {batch} particles {particles}", file=sys.stderr)
                         times = time_calls(call, device, warmup=warm, budget_s=budget, min_repeats=1)
-                        sec = median(times)
-                        rows.append({"preset": "tiny" if args.tiny else preset, "setting": label, "batch": batch,
-                                     "particles": particles, "seconds": sec, "repeats": len(times),
-                                     "ms_per_image": 1000.0 * sec / batch, "params": count_parameters(model)})
+                        seconds[(batch, particles)] = sec = median(times)
+                        rows.append(dict(row, seconds=sec, repeats=len(times), ms_per_image=1000.0 * sec / batch))
     return rows
 
 
 def bench_inference(args: argparse.Namespace) -> str:
     """Counterfactual inference latency per image (``DeepSCM.counterfactual``)."""
+    machine = machine_description()
     rows = inference_measurements(args)
+    return inference_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+
+
+def inference_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str = "") -> str:
+    """The ``inference`` section's markdown for the rows of :func:`inference_measurements`."""
     table = []
     for r in rows:
         if r.get("note"):
-            table.append([r["preset"], r["setting"], "", "", r["note"], "", ""])
+            table.append([r["preset"], r["setting"], r.get("batch", ""), r.get("particles", ""), r["note"], "", ""])
             continue
         table.append([r["preset"], r["setting"], r["batch"], r["particles"], fmt(r["ms_per_image"], 1),
                       fmt(1000.0 * r["seconds"], 1), r["repeats"]])
     header = ["preset", "device", "batch", "particles", "ms / image", "ms / call (median)", "timed calls"]
     return (
-        f"`python scripts/benchmark.py --only inference` on {machine_description()}.\n\n"
+        f"`{command_line(args, 'inference')}` on {machine or machine_description()}.\n\n"
         f"{markdown_table(header, table)}\n\n"
         "`DeepSCM.counterfactual(x, parents, {'lumen_mid': value}, num_particles=k)` of a randomly initialised "
         "DSCM (HVAE preset of the same name; the speed does not depend on the weights) in eval mode: "
@@ -874,8 +1025,10 @@ def bench_inference(args: argparse.Namespace) -> str:
         "the particles' mean (and standard deviation when k > 1). ms / image = median seconds per call / "
         "batch. Calls are repeated until they took "
         f"{args.repeat_budget:g} s (at least once) after one untimed warm-up call; on the CPU a many-particle "
-        "run directly follows the one-particle run of the same batch, which warms its shapes up. CUDA rows: "
-        "bfloat16 autocast, inputs already on the GPU."
+        "run directly follows the one-particle run of the same batch, which warms its shapes up. Configurations "
+        "predicted (particles x the one-particle time, or proportionally from the smaller batch) not to fit the "
+        "time limits are skipped and say so. CUDA rows: bfloat16 autocast, inputs already on the GPU."
+        + thread_scaling_note(rows, ("preset", "batch", "particles"), args.threads)
     )
 
 
@@ -989,8 +1142,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat-budget", type=float, default=5.0, metavar="S",
                         help="repeat a timed call until the repeats took this many seconds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms (data, scpr)")
+    parser.add_argument("--section-budget", type=float, default=240.0, metavar="S",
+                        help="wall seconds a section (training, inference) may take; configurations predicted "
+                        "not to fit are skipped (default 240)")
+    parser.add_argument("--config-cap", type=float, default=90.0, metavar="S",
+                        help="skip a configuration predicted to take longer than this (training, inference; "
+                        "default 90)")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke test: toy sizes and one repeat (numbers meaningless; not with --write-docs)")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active"], default=None,
+                        help="set OMP_WAIT_POLICY before torch starts (how idle OpenMP threads wait; on a shared "
+                        "machine spinning threads can slow multi-threaded torch down many times); the sections' "
+                        "headings then name it, so both variants can stand in the docs")
     parser.add_argument("--write-docs", default=None, metavar="MD", help="update this markdown file's sections")
     for _, _, add in SECTIONS.values():
         add(parser)
@@ -1000,12 +1163,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     if args.tiny and args.write_docs:
         parser.error("--tiny measures toy sizes; its numbers must not be written to the docs (drop --write-docs).")
     if min(args.threads) < 1:
         parser.error(f"--threads must be positive, got {args.threads}.")
+    if args.omp_wait_policy:
+        policy = args.omp_wait_policy.upper()
+        if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != policy:
+            parser.error("--omp-wait-policy must be set before torch is imported (run the script in a fresh process).")
+        os.environ["OMP_WAIT_POLICY"] = policy
     for name in args.only or list(SECTIONS):
         heading, fn, _ = SECTIONS[name]
+        if args.omp_wait_policy:
+            heading = f"{heading} (OMP_WAIT_POLICY={args.omp_wait_policy.upper()})"
         body = fn(args)
         print(f"## {heading}\n\n{body}\n")
         if args.write_docs:

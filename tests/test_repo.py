@@ -30,15 +30,19 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 
 def test_transforms_import_is_light():
+    """``import monai_cft.transforms`` adds nothing heavy to what monai, torch and numpy import."""
     import subprocess
 
     code = (
-        "import sys, monai_cft.transforms; "
-        "heavy = [m for m in ('ignite', 'nibabel', 'itk', 'zuko', 'matplotlib', 'tensorboard', 'scipy') if m in sys.modules]; "
-        "print(heavy)"
+        "import sys, numpy, torch, monai; base = set(sys.modules); "
+        "import monai_cft.transforms; new = sorted(set(sys.modules) - base); "
+        "print(sorted({m.split('.')[0] for m in new} - {'monai_cft'})); "
+        "print(sorted(m for m in new if m.startswith('monai_cft.') and not m.startswith('monai_cft.transforms')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]", f"import monai_cft.transforms pulled in heavy modules: {out}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    heavy = [m for m in eval(out[0]) if m in ("zuko", "ignite", "nibabel", "itk", "matplotlib", "tensorboard", "scipy", "tqdm")]
+    assert heavy == [], f"import monai_cft.transforms pulled in {heavy} beyond monai/torch/numpy"
+    assert set(eval(out[1])) <= {"monai_cft.variables"}, f"transforms import other sub-packages: {out[1]}"
 
 
 def test_pipeline_stage_markers_skip_and_force(tmp_path, capsys):
