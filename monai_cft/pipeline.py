@@ -19,6 +19,12 @@ stage                       what it runs
 A finished stage leaves ``<output_dir>/stages/<stage>.json`` (its command, wall time and
 exit status); re-running skips finished stages unless ``--force`` names them (or ``all``).
 Stages whose module is not installed yet are reported and skipped, never faked.
+
+Stages of one *wave* do not depend on each other (the four trainings, the four fine-tunings, the
+four evaluations): with ``--jobs N`` (default: the number of cores) up to N of them run at once,
+each with one torch thread (``--torch-threads``), their output in ``<output_dir>/logs/<stage>.log``
+and a status line every 30 s. On two cores this is faster than one stage with two threads, whose
+threads wait on each other for the small tensors of the quick preset.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from pathlib import Path
 __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
+#: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
+#: defaults are longer schedules for a GPU).
+QUICK_EPOCHS = {"segmentor": 12, "regressor": 20, "dscm": 25, "finetune": 3}
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Stage:
 
     name: str
     command: list[str] | None = None
+    wave: int = 0
     func: Callable[[], None] | None = None
     requires_module: str | None = None
     description: str = ""
@@ -79,8 +89,10 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     epochs = json.loads(args.epochs) if args.epochs else {}
 
     def ep(name: str) -> dict:
-        return {"train#trainer#max_epochs": epochs[name]} if name in epochs else {}
+        return {"max_epochs": epochs[name]} if name in epochs else {}
 
+    if args.torch_threads:
+        common["torch_threads"] = args.torch_threads
     stages = [
         Stage(
             "generate",
@@ -95,6 +107,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
              "--workers", str(args.workers)],
             requires_module="monai_cft.data.prepare",
             description=f"sCPR straightening ({args.preset} preset) and regional measurements",
+            wave=1,
         ),
         Stage(
             "segmentor_guidance",
@@ -102,6 +115,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                         segmentor_role="guidance", **common, **ep("segmentor")),
             requires_module="monai_cft.networks.predictors",
             description="guidance segmentor (UNet)",
+            wave=2,
         ),
         Stage(
             "segmentor_eval",
@@ -109,18 +123,21 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                         segmentor_role="eval", **common, **ep("segmentor")),
             requires_module="monai_cft.networks.predictors",
             description="evaluation segmentor (SegResNet, other seed)",
+            wave=2,
         ),
         Stage(
             "regressor",
             _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], **common, **ep("regressor")),
             requires_module="monai_cft.networks.predictors",
             description="parent regressor (ResNet)",
+            wave=2,
         ),
         Stage(
             "dscm",
             _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], **common, **ep("dscm")),
             requires_module="monai_cft.engines.dscm_trainer",
             description="deep SCM: attribute flows + hierarchical VAE",
+            wave=2,
         ),
     ]
     for mode in CFT_MODES:
@@ -131,6 +148,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                             **ep("finetune")),
                 requires_module="monai_cft.engines.cft_trainer",
                 description=f"counterfactual fine-tuning, mode {mode}",
+                wave=3,
             )
         )
     for mode in CFT_MODES:
@@ -140,10 +158,11 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                 _bundle_cmd(py, bundle, "evaluating", ["common.json", "evaluate.json"], cft_mode=mode, **common),
                 requires_module="monai_cft.evaluation",
                 description=f"evaluation of mode {mode}",
+                wave=4,
             )
         )
     stages.append(Stage("report", func=lambda: _write_report(out, args), requires_module="monai_cft.report",
-                        description="outputs/report.md"))
+                        description="outputs/report.md", wave=5))
     return stages
 
 
@@ -168,49 +187,112 @@ def _stage_marker(out: Path, name: str) -> Path:
     return out / "stages" / f"{name}.json"
 
 
-def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None, force: Sequence[str]) -> int:
-    """Run the selected stages in order; return the number of failed stages."""
+def _last_line(path: Path) -> str:
+    """Last non-empty line of a log (progress bars' carriage returns count as line ends)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").split("\n") if ln.strip()]
+    return lines[-1][:160] if lines else ""
+
+
+def _finish(out: Path, stage: Stage, seconds: float) -> None:
+    marker = _stage_marker(out, stage.name)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    os.replace(tmp, marker)
+
+
+def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None, force: Sequence[str],
+                 jobs: int = 1, status_every: float = 30.0) -> int:
+    """Run the selected stages in order, up to ``jobs`` stages of one wave at a time.
+
+    Returns:
+        the number of failed stages. A stage whose wave has a failure still runs; a later wave
+        runs too (its own checks report missing inputs).
+    """
     names = [s.name for s in stages]
     unknown = [s for s in (list(selected or []) + [f for f in force if f != "all"]) if s not in names]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid stages are {names}.")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
     (out / "stages").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     failures = 0
     t_all = time.time()
     todo = [s for s in stages if not selected or s.name in selected]
+    runnable: list[tuple[str, Stage]] = []
     for i, stage in enumerate(todo, 1):
-        marker = _stage_marker(out, stage.name)
         head = f"[{i}/{len(todo)}] {stage.name}: {stage.description}"
+        marker = _stage_marker(out, stage.name)
         if marker.exists() and "all" not in force and stage.name not in force:
             done = json.loads(marker.read_text())
             print(f"{head} -- done earlier in {done.get('seconds', 0):.1f} s, skipped (use --force {stage.name})", flush=True)
-            continue
-        if not _module_available(stage.requires_module):
+        elif not _module_available(stage.requires_module):
             print(f"{head} -- NOT AVAILABLE: module {stage.requires_module} is not installed; skipped", flush=True)
-            continue
-        print(head, flush=True)
-        if stage.command:
-            print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
-        t0 = time.time()
-        try:
-            if stage.command is not None:
-                rc = subprocess.call(stage.command, cwd=str(out))
-            else:
-                stage.func()
-                rc = 0
-        except Exception as exc:  # a failing stage is reported, later stages still get their chance
-            print(f"    stage {stage.name} raised {type(exc).__name__}: {exc}", flush=True)
-            rc = 1
-        seconds = time.time() - t0
-        if rc != 0:
-            failures += 1
-            print(f"    FAILED (exit {rc}) after {seconds:.1f} s", flush=True)
-            continue
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-        os.replace(tmp, marker)
-        print(f"    done in {seconds:.1f} s", flush=True)
+        else:
+            runnable.append((head, stage))
+    waves: list[list[tuple[str, Stage]]] = []
+    for item in runnable:
+        if waves and waves[-1][0][1].wave == item[1].wave:
+            waves[-1].append(item)
+        else:
+            waves.append([item])
+    for wave in waves:
+        pending = list(wave)
+        running: dict[str, tuple[subprocess.Popen, float, Path, Stage]] = {}
+        last_status = time.time()
+        while pending or running:
+            while pending and len(running) < jobs:
+                head, stage = pending.pop(0)
+                print(head, flush=True)
+                t0 = time.time()
+                if stage.command is None:
+                    try:
+                        stage.func()
+                        rc = 0
+                    except Exception as exc:  # a failing stage is reported, later stages still get their chance
+                        print(f"    stage {stage.name} raised {type(exc).__name__}: {exc}", flush=True)
+                        rc = 1
+                    if rc:
+                        failures += 1
+                        print(f"    {stage.name} FAILED after {time.time() - t0:.1f} s", flush=True)
+                    else:
+                        _finish(out, stage, time.time() - t0)
+                        print(f"    {stage.name} done in {time.time() - t0:.1f} s", flush=True)
+                    continue
+                print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
+                log = out / "logs" / f"{stage.name}.log"
+                if jobs == 1:
+                    proc = subprocess.Popen(stage.command, cwd=str(out))
+                else:
+                    print(f"    output: {log}", flush=True)
+                    with log.open("w") as fh:
+                        proc = subprocess.Popen(stage.command, cwd=str(out), stdout=fh, stderr=subprocess.STDOUT)
+                running[stage.name] = (proc, t0, log, stage)
+            time.sleep(0.5)
+            for name, (proc, t0, log, stage) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                seconds = time.time() - t0
+                if rc != 0:
+                    failures += 1
+                    hint = f"; see {log}" if jobs > 1 else ""
+                    print(f"    {name} FAILED (exit {rc}) after {seconds:.1f} s{hint}", flush=True)
+                else:
+                    _finish(out, stage, seconds)
+                    print(f"    {name} done in {seconds:.1f} s", flush=True)
+            if jobs > 1 and running and time.time() - last_status >= status_every:
+                last_status = time.time()
+                for name, (_, t0, log, _) in running.items():
+                    print(f"    .. {name} ({time.time() - t0:.0f} s): {_last_line(log)}", flush=True)
     print(f"pipeline finished in {time.time() - t_all:.1f} s with {failures} failed stage(s); outputs in {out}")
     return failures
 
@@ -226,7 +308,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(root / "data"), help="where raw/ and scpr_<preset>/ are written")
     p.add_argument("--output-dir", default=str(root / "outputs"), help="models, logs, evaluation and report.md")
     p.add_argument("--bundle-dir", default=str(root / "bundle"))
-    p.add_argument("--epochs", default="", help='JSON dict of max_epochs per stage kind, e.g. \'{"dscm": 5}\'')
+    p.add_argument("--epochs", default=json.dumps(QUICK_EPOCHS),
+                   help="JSON dict of max_epochs per stage kind (segmentor, regressor, dscm, finetune); the default "
+                        "is the CPU schedule of the quick preset, '{}' keeps the bundle configs' own values")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="stages of one wave run at once (default: the number of cores)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per bundle stage (default: 1 when --jobs > 1, else torch's default)")
     p.add_argument("--stages", nargs="*", default=None, help="run only these stages (default: all)")
     p.add_argument("--force", nargs="*", default=[], help="re-run these finished stages ('all' for every stage)")
     p.add_argument("--list", action="store_true", help="list the stages and exit")
@@ -235,6 +323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.torch_threads is None:
+        args.torch_threads = 1 if args.jobs > 1 else 0
     if args.num_cases < 10:
         raise SystemExit(f"--num-cases must be at least 10 (train/validation/test splits), got {args.num_cases}.")
     stages = build_stages(args)
@@ -243,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:22s} {s.description}")
         return 0
     out = Path(args.output_dir).resolve()
-    failures = run_pipeline(stages, out, args.stages, args.force)
+    failures = run_pipeline(stages, out, args.stages, args.force, jobs=args.jobs)
     return 1 if failures else 0
 
 

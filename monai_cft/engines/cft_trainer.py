@@ -158,7 +158,9 @@ class CFTTrainer(Trainer):
             the pretrained model's mean negative ELBO (``beta = 1``) over ``elbo_target_batches``
             training batches.
         ema_decay: decay of the EMA of the HVAE's weights.
-        grad_clip, grad_skip: gradient-norm clipping and skip thresholds (causal-gen: 350 / 500).
+        grad_clip, grad_skip: gradient-norm clipping and skip thresholds (causal-gen: 350 / 500;
+            ``None`` or ``inf`` disables either). See docs/cft.md on the skip deadlock the damping
+            term can cause with these defaults.
         intervention_sampling: ``"uniform"`` (target uniform in the variable's observed
             [min, max]) or ``"permute"`` (the variable's value in another sample of the batch).
         noise_temperature: multiplies the abducted pixel noise of ``x_cf`` (1 = exact counterfactual).
@@ -268,8 +270,8 @@ class CFTTrainer(Trainer):
             [self.constraint.lmbda], lr=lagrange_lr, betas=tuple(betas), weight_decay=0.0, maximize=True
         )
         self.ema = ModelEMA(self.hvae, decay=ema_decay)
-        self.grad_clip = grad_clip
-        self.grad_skip = grad_skip
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.grad_skip = None if grad_skip is None else float(grad_skip)
         self.intervention_sampling = intervention_sampling
         self.noise_temperature = float(noise_temperature)
         self.elbo_target_batches = int(elbo_target_batches)
