@@ -7,10 +7,10 @@ stage                       what it runs
 ==========================  ==================================================================
 ``generate``                ``python -m monai_cft.data.synthetic`` (3D phantom CCTA volumes)
 ``prepare``                 ``python -m monai_cft.data.prepare`` (sCPR images + 9 variables)
+``dscm``                    bundle ``train.json`` (run id ``training``): flows + HVAE
 ``segmentor_guidance``      bundle ``train_segmentor.json`` (UNet, seed 0): guides Seg-/Pos-Seg-CFT
 ``segmentor_eval``          bundle ``train_segmentor.json`` (SegResNet, seed 1): evaluation only
 ``regressor``               bundle ``train_regressor.json``: guides Reg-CFT
-``dscm``                    bundle ``train.json`` (run id ``training``): flows + HVAE
 ``finetune_<mode>``         bundle ``finetune.json`` for mode in none, reg, seg, pos_seg
 ``evaluate_<mode>``         bundle ``evaluate.json`` for each mode
 ``report``                  ``outputs/report.md``: Table 1, figures, metrics and stage times
@@ -45,7 +45,10 @@ __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
-QUICK_EPOCHS = {"segmentor": 12, "regressor": 20, "dscm": 25, "finetune": 3}
+QUICK_EPOCHS = {"segmentor": 12, "regressor": 20, "dscm": 25, "finetune": 15}
+#: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
+#: thousands at 1e-4 (the finetune.json default).
+QUICK_FINETUNE_LR = 1e-3
 
 
 @dataclass
@@ -110,6 +113,13 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             wave=1,
         ),
         Stage(
+            "dscm",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], **common, **ep("dscm")),
+            requires_module="monai_cft.engines.dscm_trainer",
+            description="deep SCM: attribute flows + hierarchical VAE",
+            wave=2,
+        ),
+        Stage(
             "segmentor_guidance",
             _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
                         segmentor_role="guidance", **common, **ep("segmentor")),
@@ -132,20 +142,13 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             description="parent regressor (ResNet)",
             wave=2,
         ),
-        Stage(
-            "dscm",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], **common, **ep("dscm")),
-            requires_module="monai_cft.engines.dscm_trainer",
-            description="deep SCM: attribute flows + hierarchical VAE",
-            wave=2,
-        ),
     ]
     for mode in CFT_MODES:
         stages.append(
             Stage(
                 f"finetune_{mode}",
                 _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], cft_mode=mode, **common,
-                            **ep("finetune")),
+                            **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
                 requires_module="monai_cft.engines.cft_trainer",
                 description=f"counterfactual fine-tuning, mode {mode}",
                 wave=3,
@@ -311,6 +314,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", default=json.dumps(QUICK_EPOCHS),
                    help="JSON dict of max_epochs per stage kind (segmentor, regressor, dscm, finetune); the default "
                         "is the CPU schedule of the quick preset, '{}' keeps the bundle configs' own values")
+    p.add_argument("--finetune-lr", type=float, default=QUICK_FINETUNE_LR,
+                   help="learning rate of the CFT stages (0 keeps finetune.json's own value)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="stages of one wave run at once (default: the number of cores)")
     p.add_argument("--torch-threads", type=int, default=None,

@@ -1044,19 +1044,23 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def pipeline_stage_names(output_dir: Path) -> list[str]:
-    """The stage names of ``python -m monai_cft.pipeline`` in running order ([] if it cannot be imported)."""
+def pipeline_stages(output_dir: Path) -> dict[str, int | None]:
+    """Stage name -> wave (stages of one wave may run concurrently) of ``python -m monai_cft.pipeline``, in
+    running order ({} if it cannot be imported)."""
     try:
         from monai_cft.pipeline import build_stages, parse_args
 
-        return [s.name for s in build_stages(parse_args(["--output-dir", str(output_dir)]))]
+        return {s.name: getattr(s, "wave", None) for s in build_stages(parse_args(["--output-dir", str(output_dir)]))}
     except (ImportError, SystemExit, ValueError):
-        return []
+        return {}
 
 
 def read_stage_times(output_dir: Path) -> list[dict[str, Any]]:
     """The ``<output_dir>/stages/*.json`` markers of ``python -m monai_cft.pipeline``, in pipeline order
-    (stages the pipeline does not list, e.g. from another version, come last by finishing time)."""
+    (stages the pipeline does not list, e.g. from another version, come last by finishing time). Each
+    gets ``"started"`` / ``"ended"`` (``datetime``) when its ``"finished"`` time stamp can be read."""
+    import datetime
+
     stage_dir = Path(output_dir) / "stages"
     markers = []
     for path in sorted(stage_dir.glob("*.json")) if stage_dir.is_dir() else []:
@@ -1067,8 +1071,13 @@ def read_stage_times(output_dir: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or not isinstance(record.get("seconds"), (int, float)):
             raise ValueError(f"stage marker {path} has no numeric 'seconds': {record!r}")
         record.setdefault("stage", path.stem)
+        try:
+            record["ended"] = datetime.datetime.fromisoformat(str(record["finished"]))
+            record["started"] = record["ended"] - datetime.timedelta(seconds=float(record["seconds"]))
+        except (KeyError, ValueError):
+            pass
         markers.append(record)
-    rank = {name: i for i, name in enumerate(pipeline_stage_names(output_dir))}
+    rank = {name: i for i, name in enumerate(pipeline_stages(output_dir))}
     return sorted(markers, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("finished", ""))))
 
 
@@ -1087,24 +1096,35 @@ def bench_quickstart(args: argparse.Namespace) -> str:
         return (f"The quickstart has not been run: no stage markers under `{out / 'stages'}`. Run "
                 "`python -m monai_cft.pipeline` (see the README), then "
                 "`python scripts/benchmark.py --only quickstart --write-docs docs/benchmarks.md`.")
+    waves = pipeline_stages(out)
     total = sum(float(s["seconds"]) for s in stages)
-    rows = [[f"`{s['stage']}`", f"{float(s['seconds']):.1f}", f"{float(s['seconds']) / 60:.1f}",
-             s.get("finished", "")] for s in stages]
-    rows.append(["**total**", f"**{total:.1f}**", f"**{total / 60:.1f}**", ""])
+    rows = [[f"`{s['stage']}`", "" if waves.get(s["stage"]) is None else waves[s["stage"]],
+             f"{float(s['seconds']):.1f}", f"{float(s['seconds']) / 60:.1f}",
+             s["started"].strftime("%H:%M:%S") if "started" in s else "", s.get("finished", "")] for s in stages]
+    rows.append(["**sum of the stages**", "", f"**{total:.1f}**", f"**{total / 60:.1f}**", "", ""])
+    timed = [s for s in stages if "started" in s]
+    span_text = ""
+    if len(timed) == len(stages):
+        span = (max(s["ended"] for s in timed) - min(s["started"] for s in timed)).total_seconds()
+        rows.append(["**wall clock, first start to last finish**", "", f"**{span:.1f}**", f"**{span / 60:.1f}**",
+                     "", ""])
+        span_text = (f" The stages' wall-clock span ({span / 60:.1f} min) is "
+                     + ("shorter than their sum: stages of one wave ran concurrently." if span < total else
+                        "longer than their sum: there were pauses between stages (e.g. runs of single stages)."))
     details = []
     for s in stages:
         for option, what in (("--num-cases", "cases"), ("--preset", "preset"), ("--workers", "workers")):
             value = _command_option(s.get("command"), option)
             if value is not None and f"{what} {value}" not in details:
                 details.append(f"{what} {value}")
-    missing = [name for name in pipeline_stage_names(out) if name not in {s["stage"] for s in stages}]
+    missing = [name for name in waves if name not in {s["stage"] for s in stages}]
     text = (
         f"Stage times of `python -m monai_cft.pipeline` read from `{out / 'stages'}/*.json` "
         f"({', '.join(details) or 'settings not recorded'}), tabulated on {machine_description()} "
         "(the load average is of the moment of tabulation, not of the run).\n\n"
-        f"{markdown_table(['stage', 'seconds', 'minutes', 'finished'], rows)}\n\n"
+        f"{markdown_table(['stage', 'wave', 'seconds', 'minutes', 'started (computed)', 'finished'], rows)}\n\n"
         "Each stage's wall time as the pipeline recorded it (a stage skipped because it had finished in an "
-        "earlier run keeps its earlier time)."
+        "earlier run keeps its earlier time); started = finished - seconds." + span_text
     )
     if missing:
         text += f" Stages without a marker (not run, or failed): {', '.join(f'`{m}`' for m in missing)}."

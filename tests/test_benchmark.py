@@ -116,12 +116,15 @@ def test_quickstart_section(bench, tmp_path):
     assert "has not been run" in bench.bench_quickstart(args)
     stages = tmp_path / "stages"
     stages.mkdir()
-    for name, seconds in (("dscm", 600.0), ("generate", 30.5), ("prepare", 20.0)):
+    for name, seconds, finished in (("dscm", 600.0, "2026-01-01T10:10:50"), ("generate", 30.5, "2026-01-01T10:00:30"),
+                                    ("prepare", 20.0, "2026-01-01T10:00:50")):
         cmd = ["python", "-m", "x", "--preset", "quick"] if name == "prepare" else ["python", "--num-cases", "600"]
-        (stages / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds, "command": cmd}))
+        (stages / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds, "command": cmd,
+                                                         "finished": finished}))
     text = bench.bench_quickstart(args)
     assert text.index("`generate`") < text.index("`prepare`") < text.index("`dscm`")  # pipeline order
     assert "**650.5**" in text and "cases 600" in text and "preset quick" in text
+    assert "| **wall clock, first start to last finish** |  | **650.5** |" in text  # 09:59:59.5 to 10:10:50
     assert "`finetune_pos_seg`" in text  # listed as missing
     (stages / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
