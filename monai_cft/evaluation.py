@@ -216,7 +216,11 @@ def evaluate_counterfactuals(
         "locality": _stats(local),
     }
     if feature_fn is not None:
-        rf, cf = torch.cat(real_feats), torch.cat(cf_feats)
+        # Counterfactuals are paired with their factual images (x_cf = x when nothing changes), and
+        # paired samples bias both distances (KID's cross term gains the near-identical pairs and
+        # goes negative). Compare real images of the even-indexed cases with counterfactuals of
+        # the odd-indexed ones: two independent samples, as the estimators assume.
+        rf, cf = torch.cat(real_feats)[0::2], torch.cat(cf_feats)[1::2]
         metrics["realism"] = {
             "fid": float(frechet_distance(rf, cf)),
             "kid": float(kernel_distance(rf, cf)[0]),
