@@ -220,10 +220,17 @@ def evaluate_counterfactuals(
         # paired samples bias both distances (KID's cross term gains the near-identical pairs and
         # goes negative). Compare real images of the even-indexed cases with counterfactuals of
         # the odd-indexed ones: two independent samples, as the estimators assume.
-        rf, cf = torch.cat(real_feats)[0::2], torch.cat(cf_feats)[1::2]
+        real_all = torch.cat(real_feats)
+        rf, cf, rf_other = real_all[0::2], torch.cat(cf_feats)[1::2], real_all[1::2]
+        kid, kid_std = kernel_distance(rf, cf)
         metrics["realism"] = {
             "fid": float(frechet_distance(rf, cf)),
-            "kid": float(kernel_distance(rf, cf)[0]),
+            "kid": float(kid),
+            "kid_std": float(kid_std),
+            # the same distances between the two halves of the *real* images: the value a perfect
+            # generator would get with this many cases (estimator noise and case-to-case variation)
+            "fid_real_halves": float(frechet_distance(rf, rf_other)),
+            "kid_real_halves": float(kernel_distance(rf, rf_other)[0]),
             "n_real": int(rf.shape[0]),
             "n_cf": int(cf.shape[0]),
             "features": getattr(feature_fn, "description", "custom"),

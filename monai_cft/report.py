@@ -210,13 +210,16 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
         real = mm.get("realism", {})
         parts.append(
             f"| {MODE_LABELS.get(m, m)} | {_fmt(comp.get('1'))} | {_fmt(comp.get('10'))} | "
-            f"{_fmt(mm.get('reversibility'))} | {_fmt(mm.get('locality'), 3)} | {_fmt(real.get('fid'))} | "
-            f"{_fmt(real.get('kid'), 4)} |"
+            f"{_fmt(mm.get('reversibility'))} | {_fmt(mm.get('locality'), 3)} | {_fmt(real.get('fid'))} "
+            f"(real halves {_fmt(real.get('fid_real_halves'))}) | {_fmt(real.get('kid'), 4)} "
+            f"(real halves {_fmt(real.get('kid_real_halves'), 4)}) |"
         )
     parts.append("\nComposition and reversibility: mean absolute difference to the input with images mapped to "
                  "0-255 (lower is better). Locality: fraction of the total |x_cf - x| inside the intervened "
-                 "region (higher is better). Realism: distances between feature distributions of real and "
-                 "counterfactual test images (see docs/metrics.md).\n")
+                 "region (higher is better). Realism: Fréchet and kernel distances between features of the real "
+                 "images of half of the test cases and the counterfactuals of the other half (see docs/metrics.md); "
+                 "in brackets the same distance between the two halves of the real images, the floor set by the "
+                 "number of cases.\n")
     figs = [(m, eval_root / m / f"fig1_{m}.png") for m in modes]
     figs = [(m, p) for m, p in figs if p.exists()]
     if figs:
