@@ -1,0 +1,52 @@
+"""monai-cft data: synthetic coronary CCTA phantoms, file IO and the sCPR preparation pipeline.
+
+Command-line entry points (``python -m monai_cft.data <command> ...`` or the modules directly)::
+
+    python -m monai_cft.data.synthetic --out RAW --num-cases 1000 --seed 0
+    python -m monai_cft.data.datalist  --data-dir RAW          # datalist for a user's own data
+    python -m monai_cft.data.prepare   --data-dir RAW --out SCPR --preset quick
+
+Public names are imported lazily (``from monai_cft.data import render_phantom``) so that importing
+one module does not pull in the others' dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "atomic_path": "io",
+    "save_nifti": "io",
+    "save_json": "io",
+    "save_csv": "io",
+    "load_centerline": "io",
+    "save_centerline": "io",
+    "load_datalist": "io",
+    "PhantomConfig": "phantom",
+    "PhantomCase": "phantom",
+    "sample_phantom_params": "phantom",
+    "render_phantom": "phantom",
+    "generate_dataset": "synthetic",
+    "make_datalist": "datalist",
+    "split_ids": "datalist",
+    "SCPR_PRESETS": "presets",
+    "HU_WINDOW": "presets",
+    "get_scpr_preset": "presets",
+    "build_prepare_transform": "prepare",
+    "prepare_dataset": "prepare",
+    "load_scpr_datalist": "dataset",
+    "load_prepare_config": "dataset",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
