@@ -61,7 +61,9 @@ class Stage:
     func: Callable[[], None] | None = None
     requires_module: str | None = None
     description: str = ""
-    outputs: list[Path] = field(default_factory=list)
+    #: files a forced re-run deletes first (e.g. a fine-tuning's resume state, which would otherwise
+    #: continue the finished run instead of starting the new one)
+    restart_files: list[Path] = field(default_factory=list)
 
 
 def _repo_root() -> Path:
@@ -151,6 +153,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                             **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
                 requires_module="monai_cft.engines.cft_trainer",
                 description=f"counterfactual fine-tuning, mode {mode}",
+                restart_files=[out / "cft_state" / f"cft_{mode}_state.pt"],
                 wave=3,
             )
         )
@@ -239,6 +242,11 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
         elif not _module_available(stage.requires_module):
             print(f"{head} -- NOT AVAILABLE: module {stage.requires_module} is not installed; skipped", flush=True)
         else:
+            if marker.exists():  # forced re-run: start afresh
+                for path in stage.restart_files:
+                    if path.exists():
+                        path.unlink()
+                        print(f"{head} -- forced: removed {path}", flush=True)
             runnable.append((head, stage))
     waves: list[list[tuple[str, Stage]]] = []
     for item in runnable:

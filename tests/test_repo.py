@@ -70,3 +70,15 @@ def test_pipeline_failed_stage_leaves_no_marker(tmp_path):
 
     assert run_pipeline([Stage("x", func=boom)], tmp_path, None, []) == 1
     assert not (tmp_path / "stages" / "x.json").exists()
+
+
+def test_forced_rerun_removes_restart_files_but_a_first_run_keeps_them(tmp_path):
+    from monai_cft.pipeline import Stage, run_pipeline
+
+    state = tmp_path / "state.pt"
+    state.write_text("resume me")
+    stage = Stage("ft", func=lambda: None, restart_files=[state])
+    run_pipeline([stage], tmp_path, None, [])
+    assert state.exists(), "an unfinished stage resumes from its state"
+    run_pipeline([stage], tmp_path, None, ["ft"])
+    assert not state.exists(), "a forced re-run of a finished stage starts afresh"
