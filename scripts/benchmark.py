@@ -493,9 +493,10 @@ def thread_scaling_note(rows: Sequence[dict[str, Any]], keys: Sequence[str], thr
             f"{len(ratios)}, range {min(ratios):.2f}-{max(ratios):.2f}).")
     if mid > 1.0:
         text += (" More threads were slower here: every parallel region of an operation waits for its slowest "
-                 "thread, and with the cores shared with other jobs (see the load average) a thread is often "
-                 "descheduled for milliseconds, which many small operations pay again and again. Measure on "
-                 "an idle machine for the parallel speed-up.")
+                 "thread; with the cores shared with other jobs (see the load average) a thread is often "
+                 "descheduled for milliseconds while the others spin (OMP_WAIT_POLICY "
+                 f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), which many small operations pay again and again. "
+                 "An idle machine (or `--omp-wait-policy passive`) is needed to see the parallel speed-up.")
     return text
 
 
@@ -655,7 +656,8 @@ def scpr_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             images, lines = [c["image"] for c in cases], [c["centerline"] for c in cases]
             tensors, padding = [img.as_tensor() for img in images], torch.full((1,), pad)
-            record("SciPy `map_coordinates` (order 1)", "plan + sample", "CPU, 1 thread", scipy_full)
+            with torch_threads(1):  # the plan is torch code: one thread, like the SciPy sampling
+                record("SciPy `map_coordinates` (order 1)", "plan + sample", "CPU, 1 thread", scipy_full)
             for threads in args.threads:
                 with torch_threads(threads):
                     record("`StraightenCPR`", "plan + sample + meta", _settings_label("cpu", threads),
@@ -938,13 +940,23 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def predict_call_seconds(seconds: dict[tuple[int, int], float], batch: int, particles: int) -> float | None:
+    """Predict a ``counterfactual`` call's seconds from the measured ``{(batch, particles): seconds}``:
+    from the largest measured configuration with no larger batch and no more particles, scaled by
+    ``batch`` and ``particles`` (both costs are at most proportional); ``None`` if there is none."""
+    smaller = [(b * p, b, p) for b, p in seconds if b <= batch and p <= particles]
+    if not smaller:
+        return None
+    _, b, p = max(smaller)
+    return seconds[(b, p)] * (batch / b) * (particles / p)
+
+
 def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Latency of ``DeepSCM.counterfactual`` per (preset, device setting, batch, particles).
 
     Within a preset and setting, a configuration's time is predicted from those already measured
-    (``particles`` times the one-particle call of the same batch, or batch-proportionally from a
-    smaller batch); one predicted (with its warm-up call) not to fit ``--config-cap`` or what is left
-    of ``--section-budget`` is skipped and says so.
+    (:func:`predict_call_seconds`); one predicted (with its warm-up call) not to fit ``--config-cap``
+    or what is left of ``--section-budget`` is skipped and says so.
     """
     import torch
 
@@ -982,11 +994,7 @@ def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
                         # a many-particle call repeats the one-particle call's shapes: after that call
                         # (same batch) it needs no warm-up of its own
                         warm = 0 if particles > 1 and (batch, 1) in seconds else 1
-                        if (batch, 1) in seconds:
-                            guess = seconds[(batch, 1)] * particles
-                        else:
-                            smaller = [(b, t) for (b, p), t in seconds.items() if p == particles and b < batch]
-                            guess = max(smaller)[1] * batch / max(smaller)[0] if smaller else None
+                        guess = predict_call_seconds(seconds, batch, particles)
                         reason = section.skip_reason(None if guess is None else guess * (warm + 1))
                         if reason:
                             rows.append(dict(row, note=reason))
@@ -1026,7 +1034,7 @@ def inference_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, mac
         "batch. Calls are repeated until they took "
         f"{args.repeat_budget:g} s (at least once) after one untimed warm-up call; on the CPU a many-particle "
         "run directly follows the one-particle run of the same batch, which warms its shapes up. Configurations "
-        "predicted (particles x the one-particle time, or proportionally from the smaller batch) not to fit the "
+        "predicted (proportionally to batch and particles from a smaller configuration) not to fit the "
         "time limits are skipped and say so. CUDA rows: bfloat16 autocast, inputs already on the GPU."
         + thread_scaling_note(rows, ("preset", "batch", "particles"), args.threads)
     )
@@ -1131,8 +1139,8 @@ def bench_quickstart(args: argparse.Namespace) -> str:
     missing = [name for name in waves if name not in {s["stage"] for s in stages}]
     text = (
         f"Stage times of `python -m monai_cft.pipeline` read from `{out / 'stages'}/*.json` "
-        f"({', '.join(details) or 'settings not recorded'}), tabulated on {machine_description()} "
-        "(the load average is of the moment of tabulation, not of the run).\n\n"
+        f"({', '.join(details) or 'settings not recorded'}), tabulated {time.strftime('%Y-%m-%d %H:%M %Z')} on "
+        f"{machine_description()} (the load average is of the moment of tabulation, not of the run).\n\n"
         f"{markdown_table(['stage', 'wave', 'seconds', 'minutes', 'started (computed)', 'finished'], rows)}\n\n"
         "Each stage's wall time as the pipeline recorded it (a stage skipped because it had finished in an "
         "earlier run keeps its earlier time); started = finished - seconds." + span_text

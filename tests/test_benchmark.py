@@ -154,3 +154,10 @@ def test_thread_scaling_note(bench):
     assert "1.75x" in note and "range 0.50-3.00" in note and "slower" in note
     assert bench.thread_scaling_note(rows[2:4], ("kind",), [1, 2]).count("slower") == 0
     assert bench.thread_scaling_note(rows, ("kind",), [1]) == ""
+
+
+def test_predict_call_seconds(bench):
+    seconds = {(1, 1): 0.5, (1, 8): 3.0, (32, 1): 8.0}
+    assert bench.predict_call_seconds(seconds, 32, 8) == pytest.approx(64.0)  # from (32, 1), the largest
+    assert bench.predict_call_seconds({(1, 1): 0.5}, 32, 8) == pytest.approx(128.0)
+    assert bench.predict_call_seconds({}, 1, 1) is None
