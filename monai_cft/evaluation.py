@@ -117,6 +117,7 @@ def evaluate_counterfactuals(
     composition_cycles: Sequence[int] = (1, 10),
     feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     noise_temperature: float | None = None,
+    allow_extrapolation: bool = False,
     mode: str = "",
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
@@ -133,6 +134,8 @@ def evaluate_counterfactuals(
         element_size: pixel area in mm^2 (voxel volume in mm^3 for 3D).
         seed: seeds the intervention targets and the model's sampling.
         feature_fn: maps images to (B, F) features for the realism distances (None: skipped).
+        allow_extrapolation: accept test cases whose factual values lie outside the training
+            range (warned about) instead of raising.
 
     Returns:
         ``(rows, metrics)``: one dict per case x intervention x measured variable (the columns of
@@ -154,6 +157,8 @@ def evaluate_counterfactuals(
     hi = torch.tensor([ranges[nm][1] for nm in names], dtype=torch.float32)
     targets = lo + (hi - lo) * torch.rand(n, v_count, generator=gen)  # (N, V): target of do(v) for case i
     cf_kwargs = {} if noise_temperature is None else {"noise_temperature": noise_temperature}
+    if allow_extrapolation:
+        cf_kwargs["allow_extrapolation"] = True
 
     rows: list[dict] = []
     local: list[float] = []
@@ -222,6 +227,9 @@ def evaluate_counterfactuals(
         # the odd-indexed ones: two independent samples, as the estimators assume.
         real_all = torch.cat(real_feats)
         rf, cf, rf_other = real_all[0::2], torch.cat(cf_feats)[1::2], real_all[1::2]
+    if feature_fn is not None and min(rf.shape[0], cf.shape[0]) < 2:
+        metrics["realism"] = {"skipped": f"needs at least 4 cases (two independent halves of >= 2), got {n}"}
+    elif feature_fn is not None:
         kid, kid_std = kernel_distance(rf, cf)
         metrics["realism"] = {
             "fid": float(frechet_distance(rf, cf)),
@@ -266,6 +274,8 @@ class CounterfactualEvaluation:
         seed: fixes the intervention targets and sampling.
         max_cases: evaluate only the first cases of the split (None: all).
         figure_delta: the Fig. 1 intervention, mm^2 added to calcified plaque in each region.
+        allow_extrapolation: evaluate cases whose factual values lie outside the training range
+            (default: such a case is an error naming the variable and the range).
         device: torch device.
     """
 
@@ -282,6 +292,7 @@ class CounterfactualEvaluation:
         batch_size: int = 32,
         figure_delta: float = 20.0,
         noise_temperature: float | None = None,
+        allow_extrapolation: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
         self.dscm_checkpoint = Path(dscm_checkpoint)
@@ -295,6 +306,7 @@ class CounterfactualEvaluation:
         self.batch_size = int(batch_size)
         self.figure_delta = float(figure_delta)
         self.noise_temperature = noise_temperature
+        self.allow_extrapolation = bool(allow_extrapolation)
         self.device = torch.device(device)
 
     def run(self) -> dict:
@@ -316,7 +328,8 @@ class CounterfactualEvaluation:
             scm, seg, data["images"], data["variables"], data["region_masks"],
             names=cfg["variables"], structures=structures, regions=cfg["regions"], ranges=cfg["ranges"],
             element_size=data["element_size"], case_ids=data["ids"], seed=self.seed, batch_size=self.batch_size,
-            feature_fn=segmentor_features(seg), noise_temperature=self.noise_temperature, mode=self.cft_mode,
+            feature_fn=segmentor_features(seg), noise_temperature=self.noise_temperature,
+            allow_extrapolation=self.allow_extrapolation, mode=self.cft_mode,
         )
         metrics.update({"preset": meta.get("preset"), "segmentor": seg_meta.get("arch", "?"),
                         "dscm_checkpoint": str(self.dscm_checkpoint), "split": self.split,

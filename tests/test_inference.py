@@ -282,3 +282,35 @@ def test_fig1_panel(env, tmp_path):
     seg = load_segmentor(env["models"] / "segmentor_guidance.pt")
     path = save_fig1(env["dscm"], seg, data, env["prep"], delta=1.0, mode="none", path=tmp_path / "fig1.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- evaluation bundle
+def test_evaluate_bundle_writes_every_output(env, finetuned, tmp_path):
+    """evaluate.json on the fine-tuned stand-in: effectiveness rows, metrics, Table 1 and Fig. 1."""
+    import csv
+
+    save_checkpoint(env["models"] / "segmentor_eval.pt", build_segmentor(2, "segresnet", 1, 4),
+                    _meta(env["prep"], kind="segmentor", role="eval", arch="segresnet", out_channels=4))
+    evaluate = str(CONFIGS / "evaluate.json")
+    with pytest.raises(Exception) as err:  # the tiny training split's ranges do not cover the test case
+        run_bundle("evaluating", [COMMON, evaluate], logging_file=False, cft_mode="pos_seg", **_overrides(env, tmp_path))
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("outside its physical range" in m and "allow_extrapolation" in m for m in chain), chain
+    run_bundle("evaluating", [COMMON, evaluate], logging_file=False, cft_mode="pos_seg", allow_extrapolation=True,
+               **_overrides(env, tmp_path))
+    out = tmp_path / "eval" / "pos_seg"
+    n_test = len(json.loads((env["scpr"] / "dataset.json").read_text())["test"])
+    with (out / "effectiveness.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_test * len(VARIABLES) * len(VARIABLES)
+    assert sum(int(r["is_intervened"]) for r in rows) == n_test * len(VARIABLES)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_cases"] == n_test and metrics["mode"] == "pos_seg" and metrics["segmentor"] == "segresnet"
+    assert "skipped" in metrics["realism"], "one test case cannot give two independent halves"
+    assert (out / "fig1_pos_seg.png").stat().st_size > 0
+    assert "Pos-Seg-CFT" in (out / "table1.md").read_text()
+    with pytest.raises(Exception, match="cft_mode"):
+        run_bundle("evaluating", [COMMON, evaluate], logging_file=False, cft_mode="bogus", **_overrides(env, tmp_path))
