@@ -319,8 +319,8 @@ class CounterfactualEvaluation:
         ckpt = load_checkpoint(self.dscm_checkpoint, expect={"kind": "dscm", "cft_mode": self.cft_mode})
         meta = ckpt["meta"]
         scm = DeepSCM.from_checkpoint(ckpt).to(self.device).eval()
-        seg = load_segmentor(self.segmentor_checkpoint, expect={"role": "eval"}).to(self.device)
-        seg_meta = load_checkpoint(self.segmentor_checkpoint)["meta"]
+        seg, seg_meta = load_segmentor(self.segmentor_checkpoint, expect={"role": "eval"}, return_meta=True)
+        seg = seg.to(self.device)
         data = load_split_tensors(self.dataset_dir, self.split, max_cases=self.max_cases, device=self.device)
         cfg = data["config"]
         structures = dict(cfg["structures"])

@@ -137,22 +137,25 @@ def parse_intervention(
     return targets
 
 
-def _load_network(path: str | os.PathLike, kind: str, expect: Mapping[str, Any] | None, build: Callable) -> nn.Module:
+def _load_network(path: str | os.PathLike, kind: str, expect: Mapping[str, Any] | None, build: Callable,
+                  return_meta: bool = False) -> nn.Module | tuple[nn.Module, dict]:
     from monai_cft.utils.checkpoint import load_checkpoint
 
     payload = load_checkpoint(path, expect={"kind": kind, **dict(expect or {})})
     net = build(payload["meta"])
     net.load_state_dict(payload["model"])
-    return net.eval()
+    return (net.eval(), payload["meta"]) if return_meta else net.eval()
 
 
-def load_segmentor(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> nn.Module:
+def load_segmentor(path: str | os.PathLike, expect: Mapping[str, Any] | None = None,
+                   return_meta: bool = False) -> nn.Module | tuple[nn.Module, dict]:
     """Rebuild a segmentor saved by the bundle (``train_segmentor.json``) from its checkpoint meta, in eval mode.
 
     Args:
         path: ``segmentor_guidance.pt`` / ``segmentor_eval.pt``.
         expect: meta values to check (e.g. ``{"preset": "quick", "role": "guidance"}``); ``kind`` is
             always checked to be ``"segmentor"``.
+        return_meta: also return the checkpoint's meta (one read of the file).
     """
     from monai_cft.networks.predictors import build_segmentor
 
@@ -165,7 +168,7 @@ def load_segmentor(path: str | os.PathLike, expect: Mapping[str, Any] | None = N
             img_size=meta.get("img_size"),
         )
 
-    return _load_network(path, "segmentor", expect, build)
+    return _load_network(path, "segmentor", expect, build, return_meta)
 
 
 def load_regressor(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> nn.Module:
