@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: version of the parameter format; :func:`render_phantom` refuses other versions.
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 #: label values of the ground-truth maps (background 0).
 LABELS: dict[str, int] = dict(DEFAULT_STRUCTURES)
 #: step of the dense centreline used for rendering (mm).
@@ -71,6 +71,8 @@ _SAVE_STEP_MM = 0.5
 _MIN_LUMEN_FRACTION = 0.25
 #: Gaussian truncation (in standard deviations) of the point spread function.
 _PSF_TRUNCATE = 3.0
+#: flat central part of a plaque's thickness profile (fraction of its half length / half width).
+_PLAQUE_PLATEAU = 0.5
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class PhantomConfig:
 
     length_mm: tuple[float, float] = (100.0, 130.0)
     scpr_length_mm: float = 96.0
-    spacing_xy_mm: tuple[float, float] = (0.40, 0.50)
-    spacing_z_mm: tuple[float, float] = (0.40, 0.50)
+    spacing_xy_mm: tuple[float, float] = (0.35, 0.45)
+    spacing_z_mm: tuple[float, float] = (0.35, 0.45)
     margin_mm: float = 8.0
     heart_axes_mm: tuple[tuple[float, float], ...] = ((40.0, 48.0), (34.0, 42.0), (52.0, 64.0))
     heart_tilt_deg: float = 10.0
@@ -101,7 +103,7 @@ class PhantomConfig:
     meander_count: int = 3
     max_meander_curvature: float = 0.04
     max_curvature: float = 0.12
-    height_gap_mm: tuple[float, float] = (0.6, 1.8)
+    height_gap_mm: tuple[float, float] = (1.5, 3.0)
     height_wave_mm: tuple[float, float] = (0.0, 0.8)
     height_wavelength_mm: tuple[float, float] = (30.0, 80.0)
     diameter_mm: tuple[tuple[float, float, float, float], ...] = (
@@ -109,9 +111,9 @@ class PhantomConfig:
         (2.4, 0.35, 1.7, 3.2),
         (1.9, 0.4, 1.1, 2.7),
     )
-    wall_thickness_mm: tuple[float, float] = (0.3, 0.6)
-    wall_hu: tuple[float, float] = (20.0, 60.0)
-    lumen_hu: tuple[float, float, float, float] = (340.0, 45.0, 250.0, 450.0)
+    wall_thickness_mm: tuple[float, float] = (0.2, 0.4)
+    wall_hu: tuple[float, float] = (10.0, 40.0)
+    lumen_hu: tuple[float, float, float, float] = (420.0, 40.0, 340.0, 520.0)
     distal_contrast_drop: tuple[float, float] = (0.05, 0.30)
     fat_hu: tuple[float, float] = (-100.0, -60.0)
     fat_cover_mm: tuple[float, float] = (3.0, 8.0)
@@ -120,15 +122,17 @@ class PhantomConfig:
     lung_hu: tuple[float, float] = (-870.0, -700.0)
     p_none: float = 0.35
     noncalcified_length_mm: tuple[float, float] = (8.0, 28.0)
-    noncalcified_thickness: tuple[float, float] = (0.5, 1.6)
+    noncalcified_thickness: tuple[float, float] = (0.9, 1.8)
     noncalcified_half_width_deg: tuple[float, float] = (90.0, 180.0)
-    noncalcified_hu: tuple[float, float, float, float] = (48.0, 15.0, 15.0, 85.0)
+    noncalcified_hu: tuple[float, float, float, float] = (40.0, 12.0, 15.0, 70.0)
     calcified_length_mm: tuple[float, float] = (3.0, 16.0)
-    calcified_thickness: tuple[float, float] = (0.4, 1.2)
+    calcified_thickness: tuple[float, float] = (0.8, 1.5)
     calcified_half_width_deg: tuple[float, float] = (45.0, 150.0)
-    calcified_hu: tuple[float, float] = (700.0, 1000.0)
+    calcified_hu: tuple[float, float] = (1050.0, 1600.0)
     remodelling: tuple[float, float] = (0.3, 0.7)
-    blur_sigma_mm: tuple[float, float] = (0.5, 0.7)
+    blur_sigma_mm: tuple[float, float] = (0.30, 0.40)
+    bloom_sigma_mm: tuple[float, float] = (0.7, 1.0)
+    bloom_fraction: tuple[float, float] = (0.25, 0.40)
     noise_sd_hu: tuple[float, float] = (20.0, 40.0)
     world_center_mm: tuple[tuple[float, float], ...] = ((-40.0, 10.0), (-30.0, 30.0), (-180.0, -100.0))
     plaque_types: tuple[str, ...] = field(default=("calcified", "noncalcified"))
@@ -289,6 +293,8 @@ def sample_phantom_params(seed: int | Sequence[int], config: PhantomConfig | Non
         "blur_sigma_mm": _u(rng, cfg.blur_sigma_mm),
         "noise_sd_hu": _u(rng, cfg.noise_sd_hu),
         "noise_seed": int(rng.integers(0, 2**63 - 1)),
+        "bloom_sigma_mm": _u(rng, cfg.bloom_sigma_mm),
+        "bloom_fraction": _u(rng, cfg.bloom_fraction),
     }
     params = {
         "version": PHANTOM_VERSION,
@@ -416,7 +422,8 @@ _REQUIRED = {
     "lumen": ("diameter_mm", "knots_mm", "wall_thickness_mm"),
     "tissue": ("lumen_hu_ostium", "lumen_hu_distal", "wall_hu", "fat_hu", "fat_thickness_mm", "myocardium_hu",
                "myocardium_thickness_mm", "blood_hu", "lung_hu"),
-    "imaging": ("spacing_mm", "margin_mm", "blur_sigma_mm", "noise_sd_hu", "noise_seed"),
+    "imaging": ("spacing_mm", "margin_mm", "blur_sigma_mm", "noise_sd_hu", "noise_seed", "bloom_sigma_mm",
+                "bloom_fraction"),
 }
 _PLAQUE_KEYS = ("type", "region", "center_mm", "length_mm", "angle_deg", "half_width_deg", "thickness_mm",
                 "remodelling", "hu")
@@ -447,6 +454,11 @@ def validate_phantom_params(params: Mapping[str, Any]) -> None:
         raise ValueError(f"lumen.diameter_mm must be 3 positive diameters, got {params['lumen']['diameter_mm']}.")
     if params["imaging"]["blur_sigma_mm"] < 0 or params["imaging"]["noise_sd_hu"] < 0:
         raise ValueError("imaging.blur_sigma_mm and imaging.noise_sd_hu must be >= 0.")
+    if params["imaging"]["bloom_sigma_mm"] < 0 or not 0.0 <= params["imaging"]["bloom_fraction"] <= 1.0:
+        raise ValueError(
+            f"imaging.bloom_sigma_mm must be >= 0 and imaging.bloom_fraction in [0, 1], got "
+            f"{params['imaging']['bloom_sigma_mm']} and {params['imaging']['bloom_fraction']}."
+        )
     for i, p in enumerate(params.get("plaques", [])):
         missing = [k for k in _PLAQUE_KEYS if k not in p]
         if missing:
@@ -481,9 +493,10 @@ def _apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     return affine[:3, 3] + pts[:, 0:1] * affine[:3, 0] + pts[:, 1:2] * affine[:3, 1] + pts[:, 2:3] * affine[:3, 2]
 
 
-def _bump(x: np.ndarray) -> np.ndarray:
-    """Raised cosine ``cos^2(pi x / 2)`` on ``|x| < 1``, zero outside."""
-    return np.where(np.abs(x) < 1.0, np.cos(0.5 * np.pi * np.clip(x, -1.0, 1.0)) ** 2, 0.0)
+def _bump(x: np.ndarray, plateau: float = _PLAQUE_PLATEAU) -> np.ndarray:
+    """Plaque profile: 1 on ``|x| <= plateau``, a raised-cosine taper to 0 at ``|x| = 1``, 0 outside."""
+    u = np.clip((np.abs(x) - plateau) / (1.0 - plateau), 0.0, 1.0)
+    return np.where(np.abs(x) < 1.0, np.cos(0.5 * np.pi * u) ** 2, 0.0)
 
 
 def _psf_noise_gain(sigma_vox: Sequence[float]) -> float:
@@ -572,6 +585,22 @@ def _tissue_hu(
     hu[f < -float(tissue["myocardium_thickness_mm"]) * two_grad] = tissue["blood_hu"]
     hu[f > float(tissue["fat_thickness_mm"]) * two_grad] = tissue["lung_hu"]
     return hu
+
+
+def _add_bloom(hu: np.ndarray, vox: np.ndarray, excess: np.ndarray, affine: np.ndarray, sigma_mm: float) -> None:
+    """Add ``excess`` (HU at voxel indices ``vox``) blurred by a Gaussian of ``sigma_mm`` to ``hu`` in place.
+
+    The blur runs on the bounding box of ``vox`` plus the kernel's reach, not on the whole volume.
+    """
+    sigma_vox = [sigma_mm / abs(affine[i, i]) for i in range(3)]
+    reach = [int(math.ceil(_PSF_TRUNCATE * s)) + 1 for s in sigma_vox]
+    lo = np.maximum(vox.min(0) - reach, 0)
+    hi = np.minimum(vox.max(0) + reach + 1, hu.shape)
+    crop = np.zeros(tuple(int(v) for v in hi - lo), dtype=np.float32)
+    np.add.at(crop, tuple((vox - lo).T), excess.astype(np.float32))
+    if sigma_mm > 0:
+        crop = gaussian_filter(crop, sigma_vox, mode="constant", truncate=_PSF_TRUNCATE)
+    hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += crop
 
 
 def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> PhantomCase:
@@ -665,6 +694,11 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> Phanto
     for kind in ("calcified", "noncalcified"):
         sel = cls == LABELS[kind]
         values[sel] = hu_weighted[kind][sel] / np.maximum(t_plaque[kind][sel], 1e-9)
+    # blooming: a fraction of calcium's excess attenuation (over the soft tissue around it) is spread
+    # by the wide tail of the scanner's PSF instead of its core; the label stays the true plaque
+    calc = cls == LABELS["calcified"]
+    bloom_excess = img["bloom_fraction"] * (values[calc] - tis["wall_hu"])
+    values[calc] -= bloom_excess
     hu[vi[:, 0], vi[:, 1], vi[:, 2]] = values[vessel]
 
     # correlated noise + point spread function in one blur: white uniform noise (cheaper to draw
@@ -679,6 +713,8 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> Phanto
         del noise
     if img["blur_sigma_mm"] > 0:
         hu = gaussian_filter(hu, sigma_vox, mode="nearest", truncate=_PSF_TRUNCATE)
+    if calc.any() and img["bloom_fraction"] > 0:
+        _add_bloom(hu, vox[calc], bloom_excess, affine, img["bloom_sigma_mm"])
     np.clip(np.rint(hu, out=hu), -32768, 32767, out=hu)
     image = hu.astype(np.int16)
     return PhantomCase(image, label, affine, centerline, copy.deepcopy(dict(params)))

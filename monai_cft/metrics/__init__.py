@@ -11,6 +11,7 @@ from .interventions import (
     counterfactual_targets,
     run_counterfactual,
     sample_interventions,
+    uniform_targets,
 )
 from .locality import locality
 from .realism import (
@@ -21,11 +22,17 @@ from .realism import (
     gaussian_frechet_distance,
     kernel_distance,
 )
+from .calcium import CalciumThreshold, calcium_areas
+from .segmentation import dice_per_structure
 from .summary import summarize
 
 __all__ = [
     "Interventions",
     "sample_interventions",
+    "uniform_targets",
+    "CalciumThreshold",
+    "calcium_areas",
+    "dice_per_structure",
     "counterfactual_targets",
     "run_counterfactual",
     "counterfactual_per_sample",

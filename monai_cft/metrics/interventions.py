@@ -34,6 +34,7 @@ __all__ = [
     "counterfactual_targets",
     "run_counterfactual",
     "counterfactual_per_sample",
+    "uniform_targets",
 ]
 
 
@@ -220,3 +221,19 @@ def counterfactual_per_sample(
             counts[key] = counts.get(key, 0) + 1
     # keep only outputs that every group returned (a partially filled tensor would hold garbage)
     return {k: v for k, v in merged.items() if counts[k] == len(groups)}
+
+
+def uniform_targets(names: Sequence[str], ranges: Mapping[str, Sequence[float]], n: int, seed: int) -> torch.Tensor:
+    """The evaluation protocol's intervention targets: (n, V) float32, ``[i, v]`` the target of do(names[v]) on case i.
+
+    Each target is drawn uniformly from the variable's observed ``[min, max]`` (training split) with a
+    ``torch.Generator`` seeded by ``seed``, so the evaluation and the ground-truth counterfactuals
+    (:mod:`monai_cft.data.ground_truth`) use the same targets for the same cases.
+    """
+    missing = [nm for nm in names if nm not in ranges]
+    if missing:
+        raise ValueError(f"no [min, max] range for the variables {missing}; ranges has {sorted(ranges)}.")
+    gen = torch.Generator().manual_seed(int(seed))
+    lo = torch.tensor([float(ranges[nm][0]) for nm in names], dtype=torch.float32)
+    hi = torch.tensor([float(ranges[nm][1]) for nm in names], dtype=torch.float32)
+    return lo + (hi - lo) * torch.rand(int(n), len(names), generator=gen)
