@@ -15,7 +15,6 @@ __all__ = ["SCPR_PRESETS", "HU_WINDOW", "get_scpr_preset"]
 SCPR_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"spacing": 0.25, "output_size": (64, 384)},
     "quick": {"spacing": 0.5, "output_size": (32, 192)},
-    "trial": {"spacing": 0.375, "output_size": (32, 256)},
 }
 
 #: HU range clipped and mapped linearly to [-1, 1] for the networks (``ScaleIntensityRanged``).
