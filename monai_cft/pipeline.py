@@ -11,6 +11,8 @@ stage                       what it runs
 ``segmentor_guidance``      bundle ``train_segmentor.json`` (UNet, seed 0): guides Seg-/Pos-Seg-CFT
 ``segmentor_eval``          bundle ``train_segmentor.json`` (SegResNet, seed 1): evaluation only
 ``regressor``               bundle ``train_regressor.json``: guides Reg-CFT
+``ground_truth``            ``python -m monai_cft.data.ground_truth``: true counterfactuals (test split)
+``measurements``            ``python -m monai_cft.segmentor_evaluation``: segmentor Dice, calcium threshold
 ``finetune_<mode>``         bundle ``finetune.json`` for mode in none, reg, seg, pos_seg
 ``evaluate_<mode>``         bundle ``evaluate.json`` for each mode
 ``report``                  ``outputs/report.md``: Table 1, figures, metrics and stage times
@@ -45,7 +47,7 @@ __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
-QUICK_EPOCHS = {"segmentor": 12, "regressor": 20, "dscm": 25, "finetune": 15}
+QUICK_EPOCHS = {"segmentor": 20, "regressor": 20, "dscm": 25, "finetune": 15}
 #: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
 #: thousands at 1e-4 (the finetune.json default).
 QUICK_FINETUNE_LR = 1e-3
@@ -143,6 +145,22 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.networks.predictors",
             description="parent regressor (ResNet)",
             wave=2,
+        ),
+        Stage(
+            "ground_truth",
+            [py, "-m", "monai_cft.data.ground_truth", "--raw", str(raw), "--scpr", str(scpr), "--split", "test",
+             "--seed", "0", "--workers", "1"],
+            requires_module="monai_cft.data.ground_truth",
+            description="ground-truth counterfactuals of the test split (evaluation only)",
+            wave=2,
+        ),
+        Stage(
+            "measurements",
+            [py, "-m", "monai_cft.segmentor_evaluation", "--dataset-dir", str(scpr), "--ckpt-dir", str(ckpt),
+             "--out", str(out / "eval" / "measurements.json")],
+            requires_module="monai_cft.segmentor_evaluation",
+            description="segmentor Dice and the HU-threshold calcium measure on the test split",
+            wave=3,
         ),
     ]
     for mode in CFT_MODES:

@@ -71,6 +71,9 @@ _SAVE_STEP_MM = 0.5
 _MIN_LUMEN_FRACTION = 0.25
 #: Gaussian truncation (in standard deviations) of the point spread function.
 _PSF_TRUNCATE = 3.0
+#: length (mm) of the transition of a per-third lumen calibre change, and its distance from the third's ends.
+_CALIBRE_TAPER_MM = 3.0
+_CALIBRE_MARGIN_MM = 1.0
 #: flat central part of a plaque's thickness profile (fraction of its half length / half width).
 _PLAQUE_PLATEAU = 0.5
 
@@ -409,7 +412,29 @@ def lumen_diameter_mm(params: Mapping[str, Any], s: np.ndarray | float) -> np.nd
     end = max(length, knots[2] + 1.0)
     tail = max(diam[2] + 0.5 * slope * (end - knots[2]), 0.7 * diam[2])
     interp = PchipInterpolator([0.0, *knots, end], [diam[0], *diam, tail], extrapolate=True)
-    return interp(np.clip(np.asarray(s, dtype=np.float64), 0.0, end))
+    s = np.clip(np.asarray(s, dtype=np.float64), 0.0, end)
+    out = interp(s)
+    scale = lumen.get("calibre_scale")
+    if scale is not None:
+        out = out * calibre_factor(scale, float(params["scpr_length_mm"]), s)
+    return out
+
+
+def calibre_factor(scale: Sequence[float], scpr_length_mm: float, s: np.ndarray) -> np.ndarray:
+    """Lumen calibre multiplier at arc lengths ``s`` for per-third factors ``scale`` (one per region).
+
+    Third ``k`` covers ``[k L, (k + 1) L]`` with ``L = scpr_length_mm / len(scale)``; its factor applies
+    fully inside it, with raised-cosine transitions of :data:`_CALIBRE_TAPER_MM` that end
+    :data:`_CALIBRE_MARGIN_MM` inside the third, so the lumen of the other thirds is unchanged.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    third = scpr_length_mm / len(scale)
+    out = np.ones_like(s)
+    for k, f in enumerate(scale):
+        lo, hi = k * third + _CALIBRE_MARGIN_MM, (k + 1) * third - _CALIBRE_MARGIN_MM
+        ramp = np.clip(np.minimum(s - lo, hi - s) / _CALIBRE_TAPER_MM, 0.0, 1.0)
+        out += (float(f) - 1.0) * np.sin(0.5 * np.pi * ramp) ** 2
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +475,9 @@ def validate_phantom_params(params: Mapping[str, Any]) -> None:
     spacing = params["imaging"]["spacing_mm"]
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"imaging.spacing_mm must be 3 positive numbers, got {spacing}.")
+    scale = params["lumen"].get("calibre_scale")
+    if scale is not None and (len(scale) != len(DEFAULT_REGIONS) or not all(0 < float(f) < 10 for f in scale)):
+        raise ValueError(f"lumen.calibre_scale must be {len(DEFAULT_REGIONS)} factors in (0, 10), got {scale}.")
     if len(params["lumen"]["diameter_mm"]) != 3 or min(params["lumen"]["diameter_mm"]) <= 0:
         raise ValueError(f"lumen.diameter_mm must be 3 positive diameters, got {params['lumen']['diameter_mm']}.")
     if params["imaging"]["blur_sigma_mm"] < 0 or params["imaging"]["noise_sd_hu"] < 0:

@@ -68,6 +68,8 @@ def build_prepare_transform(
     angle: float = 0.0,
     with_label: bool = True,
     record_grid: bool = False,
+    keys: Sequence[str] | None = None,
+    load: bool = True,
 ):
     """The MONAI pipeline of one case: load, straighten, and (with a label) measure.
 
@@ -77,6 +79,9 @@ def build_prepare_transform(
         angle: rotation of the sampling plane about the vessel (degrees).
         with_label: also straighten ``"label"`` and compute the region masks and variables.
         record_grid: keep the world coordinates of every sCPR pixel in the image's meta.
+        keys: the images to straighten (default ``("image", "label")`` or ``("image",)`` by
+            ``with_label``); ``("label",)`` straightens and measures the label alone.
+        load: start with ``LoadImaged`` (paths in); ``False`` takes ``MetaTensor`` (1, X, Y, Z) inputs.
 
     Returns:
         ``monai.transforms.Compose`` mapping ``{"image": path, ["label": path,] "centerline": path}`` to
@@ -88,17 +93,19 @@ def build_prepare_transform(
     from monai_cft.transforms.measures import StructureMeasuresd
     from monai_cft.transforms.regions import RegionMasksd
 
-    keys = ["image", "label"] if with_label else ["image"]
-    transforms = [
-        LoadImaged(keys, ensure_channel_first=True, image_only=True),
+    keys = list(keys) if keys is not None else (["image", "label"] if with_label else ["image"])
+    with_label = "label" in keys
+    modes = {"image": ("bilinear", IMAGE_PADDING_HU), "label": ("nearest", 0.0)}
+    transforms = [LoadImaged(keys, ensure_channel_first=True, image_only=True)] if load else []
+    transforms += [
         StraightenCPRd(
             keys,
             centerline_key="centerline",
             output_size=tuple(output_size),
             spacing=spacing,
             angle=angle,
-            mode=("bilinear", "nearest")[: len(keys)],
-            padding_value=(IMAGE_PADDING_HU, 0.0)[: len(keys)],
+            mode=[modes[k][0] for k in keys],
+            padding_value=[modes[k][1] for k in keys],
             record_grid=record_grid,
         ),
     ]

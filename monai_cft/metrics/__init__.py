@@ -1,4 +1,4 @@
-"""Counterfactual metrics of monai-cft: effectiveness, composition, reversibility, locality, realism.
+"""Counterfactual metrics of monai-cft: effectiveness, composition, reversibility, locality, realism, response.
 
 See ``docs/metrics.md`` for the definitions, units and evaluation protocol.
 """
@@ -23,6 +23,7 @@ from .realism import (
     kernel_distance,
 )
 from .calcium import CalciumThreshold, calcium_areas
+from .response import gap_closure, response_slope
 from .segmentation import dice_per_structure
 from .summary import summarize
 
@@ -33,6 +34,8 @@ __all__ = [
     "CalciumThreshold",
     "calcium_areas",
     "dice_per_structure",
+    "response_slope",
+    "gap_closure",
     "counterfactual_targets",
     "run_counterfactual",
     "counterfactual_per_sample",
