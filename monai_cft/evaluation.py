@@ -7,15 +7,24 @@ training split (seeded). The counterfactual x_cf is measured by the **evaluation
 the absolute error to the counterfactual parents is reported per region: in the intervened region
 it shows whether the change happened, in the others whether the image stayed put.
 
+Two baselines are measured the same way: the **identity** (the factual image taken as the
+counterfactual: what doing nothing scores) and, when the ground-truth counterfactuals of the
+synthetic phantoms are given (:mod:`monai_cft.data.ground_truth`, the same targets), the
+**ground truth** (what a perfect counterfactual scores under this segmentor). Against them come the
+response slopes, the gap closure, the pixel L1 to the ground truth and the HU-threshold measure of
+calcium (``docs/metrics.md``).
+
 :func:`evaluate_counterfactuals` works on loaded models and tensors; :class:`CounterfactualEvaluation`
 is the bundle entry point (``evaluate.json``) that loads checkpoints and data and writes
-``effectiveness.csv``, ``metrics.json``, ``table1.md`` and ``fig1_<mode>.png``.
+``effectiveness.csv``, ``metrics.json``, ``table1.md`` and ``fig1_<mode>.png`` (and the baselines'
+``../identity/effectiveness.csv`` and ``../ground_truth/effectiveness.csv``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,11 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_cft.data.presets import HU_WINDOW
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import summarize
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
 
-__all__ = ["evaluate_counterfactuals", "load_split_tensors", "segmentor_features", "CounterfactualEvaluation"]
+__all__ = [
+    "evaluate_counterfactuals",
+    "load_split_tensors",
+    "load_ground_truth",
+    "segmentor_features",
+    "CounterfactualEvaluation",
+]
 
 
 def load_split_tensors(dataset_dir: str | os.PathLike, split: str, max_cases: int | None = None,
@@ -99,6 +115,74 @@ def _stats(values) -> dict:
     return {"mean": mean, "std": float(st["std"]), "ci95": (high - low) / 2.0, "n": int(st["n"])}
 
 
+def _mean(values: torch.Tensor) -> float:
+    """Mean of the non-NaN entries of ``values`` as a float (NaN if there are none)."""
+    v = values.double().reshape(-1)
+    v = v[~torch.isnan(v)]
+    return float(v.mean()) if v.numel() else math.nan
+
+
+def _masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean |a - b| over the pixels where ``mask`` (spatial) is True; NaN for an empty mask."""
+    d = (a.float() - b.float()).abs().flatten(1)  # (B, C*P)
+    m = mask.to(d.device).flatten().repeat(a.shape[1])
+    if not bool(m.any()):
+        return torch.full((a.shape[0],), math.nan)
+    return d[:, m].mean(1).cpu()
+
+
+def _ground_truth_tensors(ground_truth: dict, targets: torch.Tensor, spatial: tuple[int, ...],
+                          names: Sequence[str]) -> dict:
+    """Validate the ``ground_truth`` argument of :func:`evaluate_counterfactuals`; CPU tensors."""
+    missing = [key for key in ("images", "targets", "hit") if key not in ground_truth]
+    if missing:
+        raise ValueError(f"ground_truth lacks the keys {missing}; it needs 'images', 'targets' and 'hit'.")
+    n, v_count = targets.shape
+
+    def cpu(value, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(device="cpu", dtype=dtype)
+        return torch.as_tensor(np.asarray(value)).to(dtype)
+
+    gt_images, gt_targets, hit = (cpu(ground_truth["images"], torch.float32),
+                                  cpu(ground_truth["targets"], torch.float32), cpu(ground_truth["hit"], torch.bool))
+    if tuple(gt_images.shape) != (n, v_count, *spatial):
+        raise ValueError(f"ground_truth['images'] must be (N, V, *spatial) = {(n, v_count, *spatial)} HU, "
+                         f"got {tuple(gt_images.shape)}.")
+    for key, arr in (("targets", gt_targets), ("hit", hit)):
+        if tuple(arr.shape) != (n, v_count):
+            raise ValueError(f"ground_truth[{key!r}] must be (N, V) = {(n, v_count)}, got {tuple(arr.shape)}.")
+    diff = (gt_targets - targets).abs()
+    if bool(torch.isnan(diff).any()) or float(diff.max()) > 1e-4:
+        worst = divmod(int(torch.nan_to_num(diff, nan=math.inf).argmax()), v_count)
+        raise ValueError(
+            f"the ground truth's targets differ from the evaluation's by up to {float(diff.max()):.6g} mm^2 "
+            f"(case {worst[0]}, {names[worst[1]]}; tolerance 1e-4): it was made with another seed, split or "
+            "case order than this evaluation."
+        )
+    return {"images": gt_images, "hit": hit}
+
+
+def _effectiveness_rows(mode: str, case_ids: Sequence[str], names: Sequence[str], structures: Sequence[str],
+                        regions: Sequence[str], targets: torch.Tensor, parents_cf: torch.Tensor,
+                        measured: torch.Tensor) -> list[dict]:
+    """Rows of ``effectiveness.csv`` from (N, V, V) ``[case, intervened, measured]`` parents and measurements."""
+    k = len(regions)
+    err = (measured - parents_cf).abs()
+    rows = []
+    for i, cid in enumerate(case_ids):
+        for vi, vname in enumerate(names):
+            for mi, mname in enumerate(names):
+                rows.append({
+                    "case_id": cid, "mode": mode, "intervened": vname, "target": float(targets[i, vi]),
+                    "measured_variable": mname, "measured_structure": structures[mi // k],
+                    "measured_region": regions[mi % k], "is_intervened": int(mi == vi),
+                    "cf_value": float(parents_cf[i, vi, mi]), "measured_value": float(measured[i, vi, mi]),
+                    "abs_error": float(err[i, vi, mi]),
+                })
+    return rows
+
+
 def evaluate_counterfactuals(
     scm,
     segmentor: torch.nn.Module,
@@ -120,6 +204,11 @@ def evaluate_counterfactuals(
     allow_extrapolation: bool = False,
     mode: str = "",
     progress: bool = True,
+    ground_truth: dict | None = None,
+    hu_window: Sequence[float] = HU_WINDOW,
+    calcium_threshold_hu: float | None = None,
+    include_identity_rows: bool = False,
+    include_ground_truth_rows: bool = False,
 ) -> tuple[list[dict], dict]:
     """Run every metric of the evaluation on one model.
 
@@ -132,16 +221,37 @@ def evaluate_counterfactuals(
         names, structures, regions, ranges: the variable names, structure label values, region names
             and the observed [min, max] of each variable (training split).
         element_size: pixel area in mm^2 (voxel volume in mm^3 for 3D).
-        seed: seeds the intervention targets and the model's sampling.
+        seed: seeds the intervention targets (:func:`monai_cft.metrics.uniform_targets`, the same as
+            the ground truth's) and the model's sampling.
         feature_fn: maps images to (B, F) features for the realism distances (None: skipped).
         allow_extrapolation: accept test cases whose factual values lie outside the training
             range (warned about) instead of raising.
+        ground_truth: optional ground-truth counterfactuals aligned with the cases (arrays or
+            tensors): ``images`` (N, V, *spatial) float32 HU, ``[i, v]`` the true counterfactual of
+            do(names[v] := targets[i, v]) on case i; ``targets`` (N, V) mm^2, which must equal this
+            evaluation's targets to 1e-4; ``hit`` (N, V) bool, whether the ground truth reached its
+            target (comparisons with the ground truth use the hit cases only).
+        hu_window: the HU window that maps to the networks' [-1, 1].
+        calcium_threshold_hu: when given, calcified areas are also measured as the area of the pixels
+            brighter than this HU (:func:`monai_cft.metrics.calcium_areas`); must lie inside ``hu_window``.
+        include_identity_rows: also return the rows of the unchanged-image baseline (``mode="identity"``:
+            the factual image taken as the counterfactual).
+        include_ground_truth_rows: also return the rows of the ground truth (``mode="ground_truth"``),
+            when ``ground_truth`` is given.
 
     Returns:
         ``(rows, metrics)``: one dict per case x intervention x measured variable (the columns of
-        :data:`monai_cft.report.EFFECTIVENESS_COLUMNS`) and the aggregated metrics.
+        :data:`monai_cft.report.EFFECTIVENESS_COLUMNS`; the model's rows first, then the requested
+        baseline rows) and the aggregated metrics (``docs/metrics.md``): besides the protocol's
+        metrics ``intervened_error`` and ``response_slope`` always; ``pixel_l1_to_ground_truth``,
+        ``response_slope_ground_truth`` and ``ground_truth`` with ``ground_truth``;
+        ``calcium_threshold`` with ``calcium_threshold_hu``.
     """
+    from monai_cft.inference import hu_to_unit, unit_to_hu
     from monai_cft.metrics import composition, frechet_distance, kernel_distance, locality, reversibility
+    from monai_cft.metrics.calcium import calcium_areas
+    from monai_cft.metrics.interventions import uniform_targets
+    from monai_cft.metrics.response import gap_closure, response_slope
 
     n, v_count = variables.shape
     if len(names) != v_count:
@@ -149,20 +259,38 @@ def evaluate_counterfactuals(
     device = images.device
     segmentor.eval()
     channels = list(structures.values())
+    struct_names = list(structures)
     k = len(regions)
     case_ids = list(case_ids) if case_ids is not None else [f"case_{i:04d}" for i in range(n)]
-    gen = torch.Generator().manual_seed(seed)
+    targets = uniform_targets(names, ranges, n, seed)  # (N, V): target of do(v) for case i
+    gen = torch.Generator().manual_seed(seed)  # the reversibility draws
     torch.manual_seed(seed)
-    lo = torch.tensor([ranges[nm][0] for nm in names], dtype=torch.float32)
-    hi = torch.tensor([ranges[nm][1] for nm in names], dtype=torch.float32)
-    targets = lo + (hi - lo) * torch.rand(n, v_count, generator=gen)  # (N, V): target of do(v) for case i
+    gt = None if ground_truth is None else _ground_truth_tensors(ground_truth, targets, tuple(images.shape[2:]), names)
+    lo_hu, hi_hu = float(hu_window[0]), float(hu_window[1])
+    if calcium_threshold_hu is not None:
+        calcium_threshold_hu = float(calcium_threshold_hu)
+        if not lo_hu <= calcium_threshold_hu < hi_hu:
+            raise ValueError(f"calcium_threshold_hu {calcium_threshold_hu} HU lies outside the HU window "
+                             f"[{lo_hu}, {hi_hu}) that the images can represent.")
+        if "calcified" not in structures:
+            raise ValueError(f"calcium_threshold_hu needs a 'calcified' structure, got structures {struct_names}.")
+    thr = calcium_threshold_hu
     cf_kwargs = {} if noise_temperature is None else {"noise_temperature": noise_temperature}
     if allow_extrapolation:
         cf_kwargs["allow_extrapolation"] = True
 
-    rows: list[dict] = []
+    # per case x intervention x measured variable, on the CPU: [i, v, m]
+    parents_cf = torch.zeros(n, v_count, v_count)
+    meas_cf = torch.zeros(n, v_count, v_count)
+    meas_f = torch.zeros(n, v_count)  # the factual image, measured by the same segmentor
+    meas_gt = torch.zeros(n, v_count, v_count) if gt is not None else None
+    l1 = torch.full((n, v_count, 4), math.nan) if gt is not None else None  # model in/out, identity in/out (HU)
+    thr_f = torch.zeros(n, k) if thr is not None else None
+    thr_cf = torch.zeros(n, v_count, k) if thr is not None else None
+    thr_gt = torch.zeros(n, v_count, k) if thr is not None and gt is not None else None
+    inside = region_masks > 0.5
+
     local: list[float] = []
-    factual_err = []
     real_feats, cf_feats = [], []
     comp: dict[int, list[float]] = {c: [] for c in composition_cycles}
     rev: list[float] = []
@@ -174,8 +302,10 @@ def evaluate_counterfactuals(
     for start in iterator:
         sl = slice(start, min(start + batch_size, n))
         x, pa = images[sl], variables[sl].to(device)
-        measured_f = _measure(segmentor, x, region_masks, channels, element_size)
-        factual_err.append((measured_f - pa.cpu()).abs())
+        meas_f[sl] = _measure(segmentor, x, region_masks, channels, element_size)
+        x_hu = unit_to_hu(x.clamp(-1.0, 1.0), hu_window)
+        if thr is not None:
+            thr_f[sl] = calcium_areas(x_hu, region_masks, thr, element_size).cpu()
         if feature_fn is not None:
             real_feats.append(feature_fn(x).float().cpu())
         for vi, vname in enumerate(names):
@@ -183,18 +313,22 @@ def evaluate_counterfactuals(
             with torch.no_grad():
                 out = scm.counterfactual(x, pa, {vname: t}, **cf_kwargs)
             x_cf, pa_cf = out["x_cf"], out["parents_cf"].float()
-            meas = _measure(segmentor, x_cf, region_masks, channels, element_size)
-            err = (meas - pa_cf.cpu()).abs()
-            for b in range(x.shape[0]):
-                i = start + b
-                for mi, mname in enumerate(names):
-                    rows.append({
-                        "case_id": case_ids[i], "mode": mode, "intervened": vname, "target": float(targets[i, vi]),
-                        "measured_variable": mname, "measured_structure": list(structures)[mi // k],
-                        "measured_region": regions[mi % k], "is_intervened": int(mi == vi),
-                        "cf_value": float(pa_cf[b, mi]), "measured_value": float(meas[b, mi]),
-                        "abs_error": float(err[b, mi]),
-                    })
+            parents_cf[sl, vi] = pa_cf.cpu()
+            meas_cf[sl, vi] = _measure(segmentor, x_cf, region_masks, channels, element_size)
+            cf_hu = unit_to_hu(x_cf.clamp(-1.0, 1.0), hu_window)
+            if thr is not None:
+                thr_cf[sl, vi] = calcium_areas(cf_hu, region_masks, thr, element_size).cpu()
+            if gt is not None:
+                g = hu_to_unit(gt["images"][sl, vi].unsqueeze(1).to(device), hu_window)
+                meas_gt[sl, vi] = _measure(segmentor, g, region_masks, channels, element_size)
+                g_hu = unit_to_hu(g, hu_window)  # the ground truth clipped to the window, as a model can produce it
+                r_in = inside[vi % k]
+                l1[sl, vi, 0] = _masked_l1(cf_hu, g_hu, r_in)
+                l1[sl, vi, 1] = _masked_l1(cf_hu, g_hu, ~r_in)
+                l1[sl, vi, 2] = _masked_l1(x_hu, g_hu, r_in)
+                l1[sl, vi, 3] = _masked_l1(x_hu, g_hu, ~r_in)
+                if thr is not None:
+                    thr_gt[sl, vi] = calcium_areas(g_hu, region_masks, thr, element_size).cpu()
             region = region_masks[vi % k]
             local.extend(locality(x, x_cf, region).cpu().tolist())
             if feature_fn is not None and vi == 0:
@@ -207,19 +341,85 @@ def evaluate_counterfactuals(
             rev.extend(reversibility(scm, x, pa, {names[vi]: targets[sl, vi].to(device)}, variables=names,
                                      **cf_kwargs).cpu().tolist())
 
-    fe = torch.cat(factual_err)
+    fe = (meas_f - variables.float().cpu()).abs()
+    meas_id = meas_f[:, None, :].expand(n, v_count, v_count)  # the unchanged image as the counterfactual
+    err_model = (meas_cf - parents_cf).abs()
+    err_id = (meas_id - parents_cf).abs()
+    err_gt = (meas_gt - parents_cf).abs() if gt is not None else None
+    # comparisons that involve the ground truth use the cases whose ground truth reached its target
+    cases = gt["hit"] if gt is not None else torch.ones(n, v_count, dtype=torch.bool)
     metrics = {
         "mode": mode,
         "n_cases": n,
         "seed": seed,
         "variables": list(names),
-        "structures": list(structures),
+        "structures": struct_names,
         "regions": list(regions),
         "factual_segmentor_error": {nm: _stats(fe[:, j].tolist()) for j, nm in enumerate(names)},
         "composition": {str(cyc): _stats(vals) for cyc, vals in comp.items()},
         "reversibility": _stats(rev),
         "locality": _stats(local),
     }
+    interv = {}
+    for vi, nm in enumerate(names):
+        sel = cases[:, vi]
+        entry = {"err_mode": _mean(err_model[sel, vi, vi]), "err_identity": _mean(err_id[sel, vi, vi]),
+                 "n": int(sel.sum())}
+        if gt is not None:
+            entry["err_ground_truth"] = _mean(err_gt[sel, vi, vi])
+            entry["gap_closure_identity"] = gap_closure(entry["err_identity"], entry["err_mode"],
+                                                        entry["err_ground_truth"])
+        interv[nm] = entry
+    metrics["intervened_error"] = interv
+
+    intended = targets - variables.float().cpu()  # (N, V) intended change of the intervened variable
+
+    def slopes(measured: torch.Tensor, sel: torch.Tensor) -> dict:
+        change = measured - meas_id  # (N, V, V) measured change, x_cf vs x, same segmentor
+        out = {}
+        for vi, nm in enumerate(names):
+            s = vi // k
+            rows_sel = sel[:, vi]
+            out[nm] = {names[s * k + r]: response_slope(intended[rows_sel, vi], change[rows_sel, vi, s * k + r])
+                       for r in range(k)}
+        return out
+
+    metrics["response_slope"] = slopes(meas_cf, torch.ones(n, v_count, dtype=torch.bool))
+    if gt is not None:
+        metrics["response_slope_ground_truth"] = slopes(meas_gt, cases)
+        metrics["pixel_l1_to_ground_truth"] = {
+            nm: {
+                "inside": {"model": _mean(l1[cases[:, vi], vi, 0]), "identity": _mean(l1[cases[:, vi], vi, 2])},
+                "outside": {"model": _mean(l1[cases[:, vi], vi, 1]), "identity": _mean(l1[cases[:, vi], vi, 3])},
+                "n": int(cases[:, vi].sum()),
+            }
+            for vi, nm in enumerate(names)
+        }
+        metrics["ground_truth"] = {
+            "hit_fraction": {nm: float(gt["hit"][:, vi].float().mean()) for vi, nm in enumerate(names)},
+            "hu_window": [lo_hu, hi_hu],
+        }
+    if thr is not None:
+        cols = [struct_names.index("calcified") * k + r for r in range(k)]
+        pa_calc = parents_cf[:, :, cols]  # (N, V, K) counterfactual calcified parents
+        thr_err = {"model": (thr_cf - pa_calc).abs(), "identity": (thr_f[:, None, :] - pa_calc).abs()}
+        seg_err = {"model": err_model[:, :, cols], "identity": err_id[:, :, cols]}
+        if gt is not None:
+            thr_err["ground_truth"] = (thr_gt - pa_calc).abs()
+            seg_err["ground_truth"] = err_gt[:, :, cols]
+
+        def per_region(errors: dict) -> dict:
+            return {nm: {regions[r]: {src: _stats(e[cases[:, vi], vi, r]) for src, e in errors.items()}
+                         for r in range(k)} for vi, nm in enumerate(names)}
+
+        metrics["calcium_threshold"] = {
+            "threshold_hu": thr,
+            "cases": "hit" if gt is not None else "all",
+            "factual_error": {regions[r]: _stats((thr_f[:, r] - variables.float().cpu()[:, cols[r]]).abs())
+                              for r in range(k)},
+            "errors": per_region(thr_err),
+            "segmentor_errors": per_region(seg_err),
+        }
     if feature_fn is not None:
         # Counterfactuals are paired with their factual images (x_cf = x when nothing changes), and
         # paired samples bias both distances (KID's cross term gains the near-identical pairs and
@@ -243,11 +443,19 @@ def evaluate_counterfactuals(
             "n_cf": int(cf.shape[0]),
             "features": getattr(feature_fn, "description", "custom"),
         }
+    rows = _effectiveness_rows(mode, case_ids, names, struct_names, regions, targets, parents_cf, meas_cf)
+    if include_identity_rows:
+        rows += _effectiveness_rows("identity", case_ids, names, struct_names, regions, targets, parents_cf, meas_id)
+    if include_ground_truth_rows and gt is not None:
+        rows += _effectiveness_rows("ground_truth", case_ids, names, struct_names, regions, targets, parents_cf,
+                                    meas_gt)
     return rows, metrics
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a per-process temporary name: the evaluations of several modes may write the shared baseline files at once
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=EFFECTIVENESS_COLUMNS)
         w.writeheader()
@@ -256,9 +464,42 @@ def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def load_ground_truth(path: str | os.PathLike, case_ids: Sequence[str], names: Sequence[str]) -> dict:
+    """Read a ground-truth ``.npz`` (``python -m monai_cft.data.ground_truth``) aligned with ``case_ids``.
+
+    The file holds ``ids`` (M,) str, ``names`` (V,) str, ``targets`` (M, V) float32 mm^2, ``images``
+    (M, V, H, W) float32 HU, ``hit`` (M, V) bool and optionally ``labels`` (M, V, H, W) uint8 and
+    ``variables`` (M, V, V) mm^2.
+
+    Returns:
+        ``{"images", "targets", "hit"[, "variables"]}`` numpy arrays whose first axis follows
+        ``case_ids`` (the ``ground_truth`` argument of :func:`evaluate_counterfactuals`).
+
+    Raises:
+        ValueError: a required array is missing, the variable names differ from ``names``, or some
+            evaluated cases have no ground truth (they are named).
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as f:
+        missing = [key for key in ("ids", "names", "targets", "images", "hit") if key not in f.files]
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {missing}; it has {sorted(f.files)}.")
+        gt_names = [str(s) for s in f["names"]]
+        if gt_names != list(names):
+            raise ValueError(f"{path} holds the variables {gt_names}, but the dataset's are {list(names)}.")
+        pos = {str(cid): i for i, cid in enumerate(f["ids"])}
+        absent = [cid for cid in case_ids if cid not in pos]
+        if absent:
+            shown = ", ".join(repr(c) for c in absent[:10]) + (", ..." if len(absent) > 10 else "")
+            raise ValueError(f"{path} has no ground truth for {len(absent)} of the {len(case_ids)} evaluated cases: "
+                             f"{shown}.")
+        idx = np.array([pos[cid] for cid in case_ids], dtype=np.int64)
+        return {key: f[key][idx] for key in ("images", "targets", "hit", "variables") if key in f.files}
 
 
 class CounterfactualEvaluation:
@@ -268,7 +509,8 @@ class CounterfactualEvaluation:
         dscm_checkpoint: the (fine-tuned) DSCM checkpoint, e.g. ``models/dscm_cft_pos_seg.pt``.
         segmentor_checkpoint: the evaluation segmentor (``models/segmentor_eval.pt``).
         dataset_dir: a prepared sCPR folder (``python -m monai_cft.data.prepare``).
-        out_dir: where ``effectiveness.csv``, ``metrics.json``, ``table1.md`` and the figure go.
+        out_dir: where ``effectiveness.csv``, ``metrics.json``, ``table1.md`` and the figure go; the
+            baselines shared by all modes go to ``<out_dir>/../identity/`` and ``<out_dir>/../ground_truth/``.
         cft_mode: the mode being evaluated (checked against the checkpoint's meta).
         split: datalist split to evaluate (default ``"test"``).
         seed: fixes the intervention targets and sampling.
@@ -276,6 +518,11 @@ class CounterfactualEvaluation:
         figure_delta: the Fig. 1 intervention, mm^2 added to calcified plaque in each region.
         allow_extrapolation: evaluate cases whose factual values lie outside the training range
             (default: such a case is an error naming the variable and the range).
+        ground_truth_path: ground-truth counterfactuals of the split (``.npz`` of
+            ``python -m monai_cft.data.ground_truth``, same seed); a missing file is skipped with a warning.
+        measurements_path: the measurement report of ``python -m monai_cft.segmentor_evaluation``; its
+            fitted ``calcium_threshold.threshold_hu`` adds the physics measure of calcium. A missing
+            file is skipped with a warning.
         device: torch device.
     """
 
@@ -293,6 +540,8 @@ class CounterfactualEvaluation:
         figure_delta: float = 20.0,
         noise_temperature: float | None = None,
         allow_extrapolation: bool = False,
+        ground_truth_path: str | None = None,
+        measurements_path: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.dscm_checkpoint = Path(dscm_checkpoint)
@@ -307,7 +556,34 @@ class CounterfactualEvaluation:
         self.figure_delta = float(figure_delta)
         self.noise_temperature = noise_temperature
         self.allow_extrapolation = bool(allow_extrapolation)
+        self.ground_truth_path = Path(ground_truth_path) if ground_truth_path else None
+        self.measurements_path = Path(measurements_path) if measurements_path else None
         self.device = torch.device(device)
+
+    def _ground_truth(self, case_ids: Sequence[str], names: Sequence[str]) -> dict | None:
+        if self.ground_truth_path is None:
+            return None
+        if not self.ground_truth_path.is_file():
+            print(f"warning: no ground truth {self.ground_truth_path}, evaluating without it (make it with "
+                  f"`python -m monai_cft.data.ground_truth --raw RAW --scpr {self.dataset_dir} --split {self.split} "
+                  f"--seed {self.seed}`)")
+            return None
+        return load_ground_truth(self.ground_truth_path, case_ids, names)
+
+    def _calcium_threshold(self) -> float | None:
+        if self.measurements_path is None:
+            return None
+        if not self.measurements_path.is_file():
+            print(f"warning: no measurement report {self.measurements_path}, evaluating without the calcium "
+                  f"threshold (make it with `python -m monai_cft.segmentor_evaluation --dataset-dir {self.dataset_dir} "
+                  f"--ckpt-dir {self.segmentor_checkpoint.parent} --out {self.measurements_path}`)")
+            return None
+        report = json.loads(self.measurements_path.read_text())
+        try:
+            return float(report["calcium_threshold"]["threshold_hu"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.measurements_path} has no numeric calcium_threshold.threshold_hu "
+                             f"(keys: {sorted(report) if isinstance(report, dict) else type(report).__name__}).") from e
 
     def run(self) -> dict:
         """Evaluate and write the outputs; return the metrics dict."""
@@ -324,18 +600,31 @@ class CounterfactualEvaluation:
         data = load_split_tensors(self.dataset_dir, self.split, max_cases=self.max_cases, device=self.device)
         cfg = data["config"]
         structures = dict(cfg["structures"])
+        ground_truth = self._ground_truth(data["ids"], cfg["variables"])
+        threshold = self._calcium_threshold()
         rows, metrics = evaluate_counterfactuals(
             scm, seg, data["images"], data["variables"], data["region_masks"],
             names=cfg["variables"], structures=structures, regions=cfg["regions"], ranges=cfg["ranges"],
             element_size=data["element_size"], case_ids=data["ids"], seed=self.seed, batch_size=self.batch_size,
             feature_fn=segmentor_features(seg), noise_temperature=self.noise_temperature,
             allow_extrapolation=self.allow_extrapolation, mode=self.cft_mode,
+            ground_truth=ground_truth, hu_window=cfg.get("hu_window", HU_WINDOW), calcium_threshold_hu=threshold,
+            include_identity_rows=True, include_ground_truth_rows=True,
         )
         metrics.update({"preset": meta.get("preset"), "segmentor": seg_meta.get("arch", "?"),
                         "dscm_checkpoint": str(self.dscm_checkpoint), "split": self.split,
+                        "ground_truth_path": str(self.ground_truth_path) if ground_truth is not None else None,
+                        "measurements_path": str(self.measurements_path) if threshold is not None else None,
                         "seconds": time.time() - t0})
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv_atomic(self.out_dir / "effectiveness.csv", rows)
+        by_mode: dict[str, list[dict]] = {}
+        for r in rows:
+            by_mode.setdefault(r["mode"], []).append(r)
+        _write_csv_atomic(self.out_dir / "effectiveness.csv", by_mode.get(self.cft_mode, []))
+        # the baselines do not depend on the model (same targets, same segmentor): shared by all modes
+        for ref in ("identity", "ground_truth"):
+            if ref in by_mode:
+                _write_csv_atomic(self.out_dir.parent / ref / "effectiveness.csv", by_mode[ref])
         _write_json_atomic(self.out_dir / "metrics.json", metrics)
         self._figure(scm, seg, data, cfg)
         write_table1(self.out_dir.parent, ("none", "reg", "seg", "pos_seg"), list(structures), cfg["regions"],

@@ -18,8 +18,15 @@ stage                       what it runs
 ``report``                  ``outputs/report.md``: Table 1, figures, metrics and stage times
 ==========================  ==================================================================
 
-A finished stage leaves ``<output_dir>/stages/<stage>.json`` (its command, wall time and
-exit status); re-running skips finished stages unless ``--force`` names them (or ``all``).
+A finished stage leaves ``<output_dir>/stages/<stage>.json``: its command, wall time and a
+fingerprint of the markers of the stages it was computed from (every stage of an earlier wave).
+A marker means "this stage, with this command and these inputs, finished": re-running skips a
+stage only if its marker's command (``--workers`` / ``--torch_threads`` aside) and upstream
+fingerprint still match, and no stage it depends on runs again in the same invocation; otherwise it
+re-runs and says why. ``--force`` names stages to redo anyway (or ``all``). A re-run of a finished
+stage deletes its marker before it starts (a killed re-run is never taken for done) and its
+``restart_files`` (resume state) once, recording the restart in ``stages/<stage>.forced`` until it
+succeeds: a run after a killed re-run resumes that re-run instead of restarting it again.
 Stages whose module is not installed yet are reported and skipped, never faked.
 
 Stages of one *wave* do not depend on each other (the four trainings, the four fine-tunings, the
@@ -32,6 +39,7 @@ threads wait on each other for the small tensors of the quick preset.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -157,7 +165,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage(
             "measurements",
             [py, "-m", "monai_cft.segmentor_evaluation", "--dataset-dir", str(scpr), "--ckpt-dir", str(ckpt),
-             "--out", str(out / "eval" / "measurements.json")],
+             "--out", str(out / "eval" / "measurements.json"), "--raw-dir", str(raw)],
             requires_module="monai_cft.segmentor_evaluation",
             description="segmentor Dice and the HU-threshold calcium measure on the test split",
             wave=3,
@@ -211,6 +219,81 @@ def _stage_marker(out: Path, name: str) -> Path:
     return out / "stages" / f"{name}.json"
 
 
+def _forced_marker(out: Path, name: str) -> Path:
+    """Record of a re-run of a finished stage in progress (removed when the stage succeeds)."""
+    return out / "stages" / f"{name}.forced"
+
+
+#: command options that change how a stage runs, not what it computes (ignored when comparing).
+_EXECUTION_ONLY_OPTIONS = ("--workers", "--torch_threads")
+
+
+def _comparable(command: Sequence[str] | None) -> list[str] | None:
+    if command is None:
+        return None
+    cmd = [str(c) for c in command]
+    keep: list[str] = []
+    skip = False
+    for token in cmd:
+        if skip:
+            skip = False
+        elif token in _EXECUTION_ONLY_OPTIONS:
+            skip = True
+        else:
+            keep.append(token)
+    return keep
+
+
+def _upstream(out: Path, stages: Sequence[Stage], stage: Stage) -> dict[str, str]:
+    """Fingerprints (sha256 of the marker) of the finished stages ``stage`` depends on: every
+    stage of an earlier wave."""
+    prints = {}
+    for other in stages:
+        marker = _stage_marker(out, other.name)
+        if other.wave < stage.wave and marker.is_file():
+            prints[other.name] = hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
+    return prints
+
+
+def _stale_reason(out: Path, stages: Sequence[Stage], stage: Stage, done: dict, rerun: set[str]) -> str | None:
+    """Why a finished stage's marker no longer describes this run (``None``: it is up to date)."""
+    old, new = _comparable(done.get("command")), _comparable(stage.command)
+    if old != new:
+        if old is None or new is None:
+            return f"its command changed from {old} to {new}"
+        removed = [t for t in old if t not in new]
+        added = [t for t in new if t not in old]
+        return f"its command changed (only in the marker: {removed}, only now: {added})" if removed or added else \
+            "its command changed (the order of its arguments)"
+    again = [s.name for s in stages if s.wave < stage.wave and s.name in rerun]
+    if again:
+        return f"stage(s) it depends on run again now: {', '.join(again)}"
+    if "upstream" in done:  # markers of older versions recorded no inputs: trusted on their command
+        now, then = _upstream(out, stages, stage), dict(done["upstream"])
+        changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if changed:
+            return f"stage(s) it depends on finished again since, or lost their marker: {', '.join(changed)}"
+    return None
+
+
+def _begin(out: Path, stages: Sequence[Stage], stage: Stage) -> dict[str, str]:
+    """Start a stage: a re-run of a finished one first records the restart, deletes its resume state
+    and its marker. Returns the fingerprint of its inputs (for the marker written on success)."""
+    marker, forced = _stage_marker(out, stage.name), _forced_marker(out, stage.name)
+    if marker.exists():
+        forced.write_text(json.dumps({"stage": stage.name, "restarted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "removed": [str(p) for p in stage.restart_files]}, indent=2))
+        for path in stage.restart_files:
+            if path.exists():
+                path.unlink()
+                print(f"    re-run of a finished stage: removed {path}", flush=True)
+        marker.unlink()
+    elif forced.exists() and any(p.exists() for p in stage.restart_files):
+        print(f"    resuming the re-run recorded in {forced} (delete "
+              f"{', '.join(str(p) for p in stage.restart_files)} to start afresh)", flush=True)
+    return _upstream(out, stages, stage)
+
+
 def _last_line(path: Path) -> str:
     """Last non-empty line of a log (progress bars' carriage returns count as line ends)."""
     try:
@@ -223,12 +306,14 @@ def _last_line(path: Path) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def _finish(out: Path, stage: Stage, seconds: float) -> None:
+def _finish(out: Path, stage: Stage, seconds: float, upstream: dict[str, str] | None = None) -> None:
     marker = _stage_marker(out, stage.name)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
+                               "upstream": dict(upstream or {}),
                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     os.replace(tmp, marker)
+    _forced_marker(out, stage.name).unlink(missing_ok=True)
 
 
 def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None, force: Sequence[str],
@@ -251,21 +336,29 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
     t_all = time.time()
     todo = [s for s in stages if not selected or s.name in selected]
     runnable: list[tuple[str, Stage]] = []
+    rerun: set[str] = set()  # stages that run in this invocation (their dependants are stale)
+    inputs: dict[str, dict[str, str]] = {}
     for i, stage in enumerate(todo, 1):
         head = f"[{i}/{len(todo)}] {stage.name}: {stage.description}"
         marker = _stage_marker(out, stage.name)
+        stale = None
         if marker.exists() and "all" not in force and stage.name not in force:
-            done = json.loads(marker.read_text())
-            print(f"{head} -- done earlier in {done.get('seconds', 0):.1f} s, skipped (use --force {stage.name})", flush=True)
-        elif not _module_available(stage.requires_module):
+            try:
+                done = json.loads(marker.read_text())
+                stale = _stale_reason(out, stages, stage, done, rerun) if isinstance(done, dict) else "unreadable"
+            except (OSError, ValueError) as err:
+                stale = f"its marker {marker} is unreadable ({err})"
+            if stale is None:
+                print(f"{head} -- done earlier in {done.get('seconds', 0):.1f} s, skipped (use --force {stage.name})",
+                      flush=True)
+                continue
+        if not _module_available(stage.requires_module):
             print(f"{head} -- NOT AVAILABLE: module {stage.requires_module} is not installed; skipped", flush=True)
         else:
-            if marker.exists():  # forced re-run: start afresh
-                for path in stage.restart_files:
-                    if path.exists():
-                        path.unlink()
-                        print(f"{head} -- forced: removed {path}", flush=True)
+            if stale is not None:
+                print(f"{head} -- done earlier but stale, re-running: {stale}", flush=True)
             runnable.append((head, stage))
+            rerun.add(stage.name)
     waves: list[list[tuple[str, Stage]]] = []
     for item in runnable:
         if waves and waves[-1][0][1].wave == item[1].wave:
@@ -280,6 +373,7 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
             while pending and len(running) < jobs:
                 head, stage = pending.pop(0)
                 print(head, flush=True)
+                inputs[stage.name] = _begin(out, stages, stage)
                 t0 = time.time()
                 if stage.command is None:
                     try:
@@ -292,7 +386,7 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
                         failures += 1
                         print(f"    {stage.name} FAILED after {time.time() - t0:.1f} s", flush=True)
                     else:
-                        _finish(out, stage, time.time() - t0)
+                        _finish(out, stage, time.time() - t0, inputs[stage.name])
                         print(f"    {stage.name} done in {time.time() - t0:.1f} s", flush=True)
                     continue
                 print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
@@ -316,7 +410,7 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
                     hint = f"; see {log}" if jobs > 1 else ""
                     print(f"    {name} FAILED (exit {rc}) after {seconds:.1f} s{hint}", flush=True)
                 else:
-                    _finish(out, stage, seconds)
+                    _finish(out, stage, seconds, inputs[name])
                     print(f"    {name} done in {seconds:.1f} s", flush=True)
             if jobs > 1 and running and time.time() - last_status >= status_every:
                 last_status = time.time()

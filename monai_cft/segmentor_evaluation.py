@@ -86,8 +86,13 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
 
 
 def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: str | Path,
-                          roles: Sequence[str] = ("guidance", "eval"), split: str = "test") -> dict[str, Any]:
-    """Evaluate both segmentors and fit + test the calcium threshold; write and return the JSON."""
+                          roles: Sequence[str] = ("guidance", "eval"), split: str = "test",
+                          raw_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate both segmentors and fit + test the calcium threshold; write and return the JSON.
+
+    With ``raw_dir`` (a synthetic raw folder with ``params/``) the phantoms' rendered HU per class
+    (:func:`monai_cft.data.fidelity.rendered_hu`) is measured too.
+    """
     from monai_cft.inference import load_segmentor
 
     t0 = time.time()
@@ -114,6 +119,10 @@ def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: st
         "test_mae_mm2": {config["regions"][r]: float(err[:, r].mean()) for r in range(k)},
         "test_bias_mm2": {config["regions"][r]: float((test_areas.double() - truth)[:, r].mean()) for r in range(k)},
     }
+    if raw_dir is not None and (Path(raw_dir) / "params").is_dir():
+        from monai_cft.data.fidelity import rendered_hu
+
+        result["rendered_hu"] = rendered_hu(raw_dir, dataset_dir, split=split)
     result["seconds"] = time.time() - t0
     save_json(result, Path(out))
     return result
@@ -127,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ckpt-dir", required=True, help="folder with segmentor_guidance.pt and segmentor_eval.pt")
     parser.add_argument("--out", required=True, help="output JSON")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--raw-dir", default=None, help="synthetic raw folder: also measure the rendered HU per class")
     args = parser.parse_args(argv)
-    res = evaluate_measurements(args.dataset_dir, args.ckpt_dir, args.out, split=args.split)
+    res = evaluate_measurements(args.dataset_dir, args.ckpt_dir, args.out, split=args.split, raw_dir=args.raw_dir)
     for role, r in res["segmentors"].items():
         d = r["dice"]
         print(f"segmentor {role} ({r['arch']}): Dice per image / pooled " + ", ".join(
@@ -136,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = res["calcium_threshold"]
     print(f"calcium threshold {c['threshold_hu']:.0f} HU: test MAE " + ", ".join(
         f"{r} {v:.2f}" for r, v in c["test_mae_mm2"].items()) + " mm^2")
+    if "rendered_hu" in res:
+        from monai_cft.data.fidelity import hu_table_markdown
+
+        print(hu_table_markdown(res["rendered_hu"]))
     return 0
 
 

@@ -16,6 +16,7 @@ from monai_cft.data.io import save_nifti
 from monai_cft.data.phantom import (
     LABELS,
     PhantomConfig,
+    fat_mask,
     lumen_diameter_mm,
     phantom_centerline,
     render_phantom,
@@ -74,7 +75,7 @@ def test_outputs_types_and_label_values(case):
     assert case.image.shape == case.label.shape and case.image.ndim == 3
     assert set(np.unique(case.label).tolist()) <= {0, 1, 2, 3}
     assert np.count_nonzero(case.label == LABELS["lumen"]) > 1000
-    # scanner-like affine: x and y flipped (LPS -> RAS), an origin offset, voxels of 0.4-0.5 mm
+    # scanner-like affine: x and y flipped (LPS -> RAS), an origin offset, voxels of the configured size
     assert case.affine[0, 0] < 0 and case.affine[1, 1] < 0 and case.affine[2, 2] > 0
     assert np.abs(case.affine[:3, 3]).max() > 10
     cfg = PhantomConfig()
@@ -210,17 +211,6 @@ def test_blooming_spreads_calcium_but_keeps_its_mean_and_label():
 REFERENCE_HU = {"calcified": (622, 919), "noncalcified": (28, 69), "lumen": (284, 367), "fat": (-190, -30)}
 
 
-def _fat_mask(case, params):
-    """Epicardial fat voxels at least 1.5 mm from any vessel label (sharp tissue map == fat)."""
-    from scipy.ndimage import binary_dilation
-
-    from monai_cft.data.phantom import _tissue_hu
-
-    tissue = _tissue_hu(params["geometry"], params["tissue"], case.affine, case.label.shape)
-    vessel = binary_dilation(case.label > 0, iterations=int(np.ceil(1.5 / np.abs(np.diag(case.affine)[:3]).min())))
-    return (tissue == np.float32(params["tissue"]["fat_hu"])) & ~vessel
-
-
 def test_rendered_hu_per_class_in_reference_ranges():
     geometry = get_scpr_preset("quick")
     values3, values2 = {k: [] for k in REFERENCE_HU}, {k: [] for k in REFERENCE_HU if k != "fat"}
@@ -229,7 +219,7 @@ def test_rendered_hu_per_class_in_reference_ranges():
         c = render_phantom(p)
         for k in ("calcified", "noncalcified", "lumen"):
             values3[k].append(c.image[c.label == LABELS[k]])
-        values3["fat"].append(c.image[_fat_mask(c, p)])
+        values3["fat"].append(c.image[fat_mask(p, c.affine, c.label.shape, label=c.label)])
         aff = torch.as_tensor(c.affine)
         img = StraightenCPR(geometry["output_size"], geometry["spacing"], record_grid=False)(
             torch.from_numpy(c.image[None].astype(np.float32)), c.centerline, aff)[0].numpy()

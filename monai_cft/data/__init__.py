@@ -5,6 +5,7 @@ Command-line entry points (``python -m monai_cft.data <command> ...`` or the mod
     python -m monai_cft.data.synthetic --out RAW --num-cases 1000 --seed 0
     python -m monai_cft.data.datalist  --data-dir RAW          # datalist for a user's own data
     python -m monai_cft.data.prepare   --data-dir RAW --out SCPR --preset quick
+    python -m monai_cft.data.ground_truth --raw RAW --scpr SCPR --split test   # evaluation only
 
 Public names are imported lazily (``from monai_cft.data import render_phantom``) so that importing
 one module does not pull in the others' dependencies.
@@ -27,6 +28,9 @@ _EXPORTS = {
     "PhantomCase": "phantom",
     "sample_phantom_params": "phantom",
     "render_phantom": "phantom",
+    "ground_truth_counterfactual": "ground_truth",
+    "render_scpr": "ground_truth",
+    "rendered_hu": "fidelity",
     "generate_dataset": "synthetic",
     "make_datalist": "datalist",
     "split_ids": "datalist",

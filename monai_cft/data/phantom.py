@@ -57,6 +57,8 @@ __all__ = [
     "phantom_centerline",
     "lumen_diameter_mm",
     "validate_phantom_params",
+    "calibre_factor",
+    "fat_mask",
 ]
 
 #: version of the parameter format; :func:`render_phantom` refuses other versions.
@@ -127,11 +129,11 @@ class PhantomConfig:
     noncalcified_length_mm: tuple[float, float] = (8.0, 28.0)
     noncalcified_thickness: tuple[float, float] = (0.9, 1.8)
     noncalcified_half_width_deg: tuple[float, float] = (90.0, 180.0)
-    noncalcified_hu: tuple[float, float, float, float] = (40.0, 12.0, 15.0, 70.0)
+    noncalcified_hu: tuple[float, float, float, float] = (28.0, 10.0, 8.0, 52.0)
     calcified_length_mm: tuple[float, float] = (3.0, 16.0)
     calcified_thickness: tuple[float, float] = (0.8, 1.5)
     calcified_half_width_deg: tuple[float, float] = (45.0, 150.0)
-    calcified_hu: tuple[float, float] = (1050.0, 1600.0)
+    calcified_hu: tuple[float, float] = (950.0, 1450.0)
     remodelling: tuple[float, float] = (0.3, 0.7)
     blur_sigma_mm: tuple[float, float] = (0.30, 0.40)
     bloom_sigma_mm: tuple[float, float] = (0.7, 1.0)
@@ -613,6 +615,25 @@ def _tissue_hu(
     hu[f < -float(tissue["myocardium_thickness_mm"]) * two_grad] = tissue["blood_hu"]
     hu[f > float(tissue["fat_thickness_mm"]) * two_grad] = tissue["lung_hu"]
     return hu
+
+
+def fat_mask(params: Mapping[str, Any], affine: np.ndarray, shape: Sequence[int], clearance_mm: float = 1.5,
+             label: np.ndarray | None = None) -> np.ndarray:
+    """(X, Y, Z) bool: voxels of a phantom's epicardial fat, at least ``clearance_mm`` from any vessel label.
+
+    Args:
+        params: the phantom's parameters; ``affine`` / ``shape``: its grid (as rendered).
+        clearance_mm: distance kept from the labelled vessel (where blur mixes fat with the vessel).
+        label: the rendered label map (default: rendered here, label only).
+    """
+    from scipy.ndimage import binary_dilation
+
+    tissue = _tissue_hu(params["geometry"], params["tissue"], np.asarray(affine, dtype=np.float64), shape)
+    if label is None:
+        label = render_phantom(params, with_image=False).label
+    steps = int(math.ceil(clearance_mm / float(np.abs(np.diag(np.asarray(affine))[:3]).min())))
+    near = binary_dilation(label > 0, iterations=steps) if steps > 0 else label > 0
+    return (tissue == np.float32(params["tissue"]["fat_hu"])) & ~near
 
 
 def _add_bloom(hu: np.ndarray, vox: np.ndarray, excess: np.ndarray, affine: np.ndarray, sigma_mm: float) -> None:

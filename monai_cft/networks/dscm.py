@@ -32,7 +32,7 @@ from monai_cft.networks.flows import AttributeMechanisms
 from monai_cft.networks.hvae import HierarchicalVAE, _state_dict_problems
 from monai_cft.networks.presets import build_hvae
 
-__all__ = ["ParentNormalizer", "DeepSCM", "build_dscm"]
+__all__ = ["ParentNormalizer", "DeepSCM", "build_dscm", "parent_regions"]
 
 
 class ParentNormalizer(nn.Module):
@@ -385,6 +385,8 @@ def build_dscm(
     graph: Mapping[str, Sequence[str]] | None = None,
     in_channels: int = 1,
     flow_kwargs: Mapping[str, Any] | None = None,
+    region_masks: Any | None = None,
+    region_names: Sequence[str] | None = None,
     **hvae_overrides: Any,
 ) -> DeepSCM:
     """Build a :class:`DeepSCM` from an HVAE preset (see :mod:`monai_cft.networks.presets`).
@@ -398,9 +400,44 @@ def build_dscm(
         graph: causal graph ``{child: [parents]}``; ``None`` = all independent roots.
         in_channels: image channels.
         flow_kwargs: extra :class:`AttributeMechanisms` arguments (hidden, transforms, bins, dequantize).
+        region_masks: (K, *img_size) region masks and ``region_names`` their names: for an HVAE with
+            ``spatial_parents`` (preset or override) each variable named ``<structure>_<region>`` is
+            painted into its region's mask, other variables everywhere.
         hvae_overrides: :func:`build_hvae` overrides.
     """
     variables = list(variables)
+    from monai_cft.networks.presets import HVAE_PRESETS
+
+    spatial = hvae_overrides.get("spatial_parents", HVAE_PRESETS.get(preset, {}).get("spatial_parents", False))
+    if spatial and "parent_regions" not in hvae_overrides:
+        hvae_overrides["parent_regions"] = parent_regions(variables, img_size, region_masks, region_names)
     hvae = build_hvae(preset, spatial_dims, img_size, len(variables), in_channels, **hvae_overrides)
     mechanisms = AttributeMechanisms(variables, graph, **dict(flow_kwargs or {}))
     return DeepSCM(hvae, mechanisms, ParentNormalizer(ranges, variables))
+
+
+def parent_regions(variables: Sequence[str], img_size: Sequence[int], region_masks: Any | None,
+                   region_names: Sequence[str] | None) -> torch.Tensor:
+    """(P, *img_size) float masks: variable ``<structure>_<region>`` -> that region's mask, others all ones.
+
+    Args:
+        variables: the parent names.
+        img_size: image size.
+        region_masks: (K, *img_size) masks (``None``: every parent is global).
+        region_names: the K region names, in the order of ``region_masks``.
+    """
+    out = torch.ones(len(variables), *[int(s) for s in img_size])
+    if region_masks is None:
+        return out
+    masks = torch.as_tensor(region_masks).float().as_subclass(torch.Tensor)
+    names = list(region_names or [])
+    if masks.shape[0] != len(names) or tuple(masks.shape[1:]) != tuple(out.shape[1:]):
+        raise ValueError(
+            f"region_masks must be (K, *img_size) = ({len(names)}, {tuple(out.shape[1:])}) for the regions {names}, "
+            f"got {tuple(masks.shape)}."
+        )
+    for i, name in enumerate(variables):
+        for k, region in enumerate(names):
+            if name.endswith("_" + region):
+                out[i] = masks[k]
+    return out

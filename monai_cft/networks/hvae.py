@@ -63,6 +63,7 @@ ARCH_KEYS = (
     "bottleneck",
     "embed_dim",
     "cond_prior",
+    "spatial_parents",
 )
 
 
@@ -221,7 +222,8 @@ class _DecoderBlock(nn.Module):
     """One top-down block: FiLM parent injection, an optional stochastic layer, a residual block."""
 
     def __init__(
-        self, spatial_dims: int, width: int, mid: int, embed_dim: int, z_dim: int, cond_prior: bool, res_scale: float
+        self, spatial_dims: int, width: int, mid: int, embed_dim: int, z_dim: int, cond_prior: bool, res_scale: float,
+        num_maps: int = 0,
     ) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
@@ -231,6 +233,11 @@ class _DecoderBlock(nn.Module):
         self.film = nn.Linear(embed_dim, 2 * width)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
+        # spatial FiLM from parent maps (each parent's value painted into its region), zero-initialised
+        self.map_film = conv(num_maps, 2 * width, 1) if num_maps else None
+        if self.map_film is not None:
+            nn.init.zeros_(self.map_film.weight)
+            nn.init.zeros_(self.map_film.bias)
         if z_dim:
             # prior: (loc, raw std, features added to the state); zero init -> N(0, 1) and no features.
             self.prior = _ConvBlock(spatial_dims, width, mid, 2 * z_dim + width, False, (3, 1), last_scale=0.0)
@@ -248,9 +255,13 @@ class _DecoderBlock(nn.Module):
         z: torch.Tensor | None,
         mean: bool,
         temperature: float,
+        maps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return the new state, the latent used (None if deterministic) and the KL map (posterior only)."""
-        gamma, shift = self.film(emb).view(emb.shape[0], 2 * self.width, *([1] * (h.ndim - 2))).chunk(2, dim=1)
+        mod = self.film(emb).view(emb.shape[0], 2 * self.width, *([1] * (h.ndim - 2)))
+        if self.map_film is not None and maps is not None:
+            mod = mod + self.map_film(maps)
+        gamma, shift = mod.chunk(2, dim=1)
         h_pa = h * (1.0 + gamma) + shift
         kl = None
         if self.z_dim:
@@ -294,6 +305,13 @@ class HierarchicalVAE(nn.Module):
         cond_prior: if True the prior of a layer also sees the parents injected in its own block;
             if False it only sees the decoder state below it (parents of earlier blocks), so the
             top layer's prior is parent-free.
+        spatial_parents: also inject each parent as a *map*: its value painted into its region
+            (``parent_regions``), resized to every level, through a zero-initialised 1x1 convolution
+            giving a per-pixel FiLM scale and shift. A regional variable (e.g. calcified plaque in
+            the mid third) then modulates the decoder only where it applies.
+        parent_regions: (P, *img_size) masks in [0, 1], one per parent (all ones for a global
+            parent); required with ``spatial_parents`` unless the masks are loaded afterwards from a
+            state dict (buffer ``parent_regions``).
         free_bits: KL floor in nats per latent channel of every layer and image (0 disables);
             applied to the batch-mean KL of each (layer, channel) pair inside ``elbo`` only.
         log_scale_min: lower clamp of the likelihood's log standard deviation.
@@ -321,6 +339,8 @@ class HierarchicalVAE(nn.Module):
         bottleneck: float = 0.5,
         embed_dim: int = 32,
         cond_prior: bool = True,
+        spatial_parents: bool = False,
+        parent_regions: torch.Tensor | None = None,
         free_bits: float = 0.0,
         log_scale_min: float = -9.0,
         num_bins: int = 256,
@@ -377,6 +397,7 @@ class HierarchicalVAE(nn.Module):
             "bottleneck": float(bottleneck),
             "embed_dim": embed_dim,
             "cond_prior": bool(cond_prior),
+            "spatial_parents": bool(spatial_parents),
             "free_bits": self.free_bits,
             "log_scale_min": self.log_scale_min,
             "num_bins": self.num_bins,
@@ -408,6 +429,17 @@ class HierarchicalVAE(nn.Module):
             self.enc_down.append(nn.Sequential(*steps))
 
         # decoder
+        self.spatial_parents = bool(spatial_parents)
+        if self.spatial_parents:
+            shape = (num_parents, *img_size)
+            regions = torch.ones(shape) if parent_regions is None else torch.as_tensor(parent_regions).float().as_subclass(torch.Tensor)
+            if tuple(regions.shape) != shape:
+                raise ValueError(f"parent_regions must have shape {shape}, got {tuple(regions.shape)}.")
+            if not torch.isfinite(regions).all() or regions.min() < 0 or regions.max() > 1:
+                raise ValueError("parent_regions must be finite masks with values in [0, 1].")
+            self.register_buffer("parent_regions", regions)
+        elif parent_regions is not None:
+            raise ValueError("parent_regions given but spatial_parents is False.")
         self.parent_embed = nn.Sequential(
             nn.Linear(num_parents, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim), nn.GELU()
         )
@@ -422,6 +454,7 @@ class HierarchicalVAE(nn.Module):
                     z_dims[lv] if self.stochastic[lv] else 0,
                     cond_prior,
                     res_scale,
+                    num_parents if self.spatial_parents else 0,
                 )
                 for _ in range(blocks[lv])
             )
@@ -558,6 +591,7 @@ class HierarchicalVAE(nn.Module):
         """Top-down pass. Returns (loc, scale, latents, kl maps (posterior mode only))."""
         emb = self.parent_embed(parents)
         h = self.dec_start.expand(parents.shape[0], *self.dec_start.shape[1:])
+        painted = self._parent_maps(parents)
         zs: list[torch.Tensor] = []
         kls: list[torch.Tensor] = []
         for lv in reversed(range(len(self.dec_blocks))):
@@ -567,7 +601,7 @@ class HierarchicalVAE(nn.Module):
             for block in self.dec_blocks[lv]:
                 z_in = latents[len(zs)] if (latents is not None and block.z_dim) else None
                 enc = acts[lv] if acts is not None else None
-                h, z, kl = block(h, emb, enc, z_in, mean, temperature)
+                h, z, kl = block(h, emb, enc, z_in, mean, temperature, painted[lv] if painted else None)
                 if z is not None:
                     zs.append(z)
                 if kl is not None:
@@ -575,6 +609,19 @@ class HierarchicalVAE(nn.Module):
         loc, log_scale = self.out(F.gelu(h)).float().chunk(2, dim=1)  # likelihood in float32
         scale = torch.exp(log_scale.clamp(min=self.log_scale_min))
         return loc, scale, zs, kls
+
+    def _parent_maps(self, parents: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per level, (B, P, *level size): each parent's value painted into its (area-resized) region."""
+        if not self.spatial_parents:
+            return None
+        maps = []
+        for size in self.sizes:
+            regions = self.parent_regions
+            if tuple(size) != tuple(self.img_size):
+                regions = F.adaptive_avg_pool2d(regions, size) if self.spatial_dims == 2 else F.adaptive_avg_pool3d(
+                    regions, size)
+            maps.append(parents.to(regions.dtype)[(...,) + (None,) * self.spatial_dims] * regions)
+        return maps
 
     def forward(
         self, x: torch.Tensor, parents: torch.Tensor, beta: float = 1.0, return_latents: bool = False
