@@ -202,6 +202,11 @@ def _write_report(out: Path, args: argparse.Namespace) -> None:
     from monai_cft.report import write_report
 
     write_report(out, modes=CFT_MODES)
+    if out == (_repo_root() / "outputs").resolve() and (_repo_root() / "docs").is_dir():
+        from monai_cft.publish import publish
+
+        for path in publish(out, _repo_root()):
+            print(f"    wrote {path}", flush=True)
 
 
 def _module_available(name: str | None) -> bool:

@@ -29,6 +29,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai_cft.benchmark_report import measurements_section, validity_section
+
 from monai_cft.metrics.response import gap_closure
 
 __all__ = [
@@ -441,11 +443,19 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
                      "(mm², mean ± std): " + ", ".join(f"{k} {_fmt(v)}" for k, v in fac.items()) + ".\n")
     ivs = _interventions(structures, regions)
     summary: dict = {"modes": [m for m in modes if m in metrics]}
+    calcium_sec = _calcium_section(metrics, modes, structures, regions)
+    for key, (sec, data) in (
+        ("benchmark_validity", validity_section(eval_root, structures, regions, calcium_sec[1])),
+        ("measurements", measurements_section(eval_root)),
+    ):
+        parts.append("")
+        parts.extend(sec)
+        summary[key] = data
     for key, (sec, data) in (
         ("gap_closure", _gap_closure_section(metrics, modes, ivs)),
         ("response_slope", _response_section(metrics, modes, ivs)),
         ("pixel_l1_to_ground_truth", _pixel_l1_section(metrics, modes, ivs)),
-        ("calcium_threshold", _calcium_section(metrics, modes, structures, regions)),
+        ("calcium_threshold", calcium_sec),
     ):
         parts.append("")
         parts.extend(sec)

@@ -157,6 +157,10 @@ class CFTTrainer(Trainer):
         elbo_target: ``eps`` (nats per image element); ``None`` measures it when the run starts as
             the pretrained model's mean negative ELBO (``beta = 1``) over ``elbo_target_batches``
             training batches.
+        elbo_slack: nats per image element added to the *measured* target (``eps = pretrained
+            nELBO + slack``): the room the guidance may spend before the constraint pushes back.
+            With no slack, batch-to-batch noise of the measured ELBO (~0.03 nats) alone drives the
+            multiplier and the damping term, which then outweigh the guidance (docs/cft.md).
         ema_decay: decay of the EMA of the HVAE's weights.
         grad_clip, grad_skip: gradient-norm clipping and skip thresholds (causal-gen: 350 / 500;
             ``None`` or ``inf`` disables either). See docs/cft.md on the skip deadlock the damping
@@ -196,6 +200,7 @@ class CFTTrainer(Trainer):
         damping: float = 100.0,
         elbo_target: float | None = None,
         elbo_target_batches: int = 16,
+        elbo_slack: float = 0.0,
         ema_decay: float = 0.999,
         grad_clip: float | None = 350.0,
         grad_skip: float | None = 500.0,
@@ -275,6 +280,9 @@ class CFTTrainer(Trainer):
         self.intervention_sampling = intervention_sampling
         self.noise_temperature = float(noise_temperature)
         self.elbo_target_batches = int(elbo_target_batches)
+        if not math.isfinite(float(elbo_slack)) or float(elbo_slack) < 0:
+            raise ValueError(f"elbo_slack must be a finite value >= 0 nats per element, got {elbo_slack!r}.")
+        self.elbo_slack = float(elbo_slack)
         self.checkpoint_interval = int(checkpoint_interval)
         self.state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"cft_{self.mode}_state.pt"
         self.resume = bool(resume)
@@ -346,9 +354,11 @@ class CFTTrainer(Trainer):
         if self.resume and self.state_path is not None and self.state_path.is_file():
             self.load_state(self.state_path)
         if not self.constraint.has_target:
-            eps = self.measure_elbo_target()
+            measured = self.measure_elbo_target()
+            eps = measured + self.elbo_slack
             self.constraint.set_target(eps)
-            self.logger.info(f"CFT ELBO target eps = {eps:.5f} nats per element (pretrained model).")
+            self.logger.info(f"CFT ELBO target eps = {eps:.5f} nats per element (pretrained model {measured:.5f} "
+                             f"+ slack {self.elbo_slack:g}).")
 
     @torch.no_grad()
     def measure_elbo_target(self, num_batches: int | None = None) -> float:
