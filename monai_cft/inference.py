@@ -495,11 +495,10 @@ class CounterfactualPipeline:
         Returns:
             ``{"counterfactual", "difference", "panel", "values"}`` -> written path.
         """
-        from monai_cft.data.io import save_json, save_nifti
+        from monai_cft.data.io import check_file_name, save_json, save_nifti
         from monai_cft.visualize import plot_counterfactual_panel, region_boundaries
 
-        if not isinstance(name, str) or not name or os.sep in name:
-            raise ValueError(f"name must be a plain file-name prefix, got {name!r}.")
+        check_file_name(name, "save name", f"{type(self).__name__}.save")
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         cf, diff = result["counterfactual"], result["difference"]

@@ -102,6 +102,11 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     if args.device:
         common["device"] = f"$torch.device('{args.device}')"
     epochs = json.loads(args.epochs) if args.epochs else {}
+    bad = {k: v for k, v in epochs.items() if k not in QUICK_EPOCHS or isinstance(v, bool) or not isinstance(v, int)
+           or v < 1} if isinstance(epochs, dict) else epochs
+    if bad or not isinstance(epochs, dict):
+        raise ValueError(f"--epochs must be a JSON dict of whole numbers >= 1 for the stage kinds "
+                         f"{list(QUICK_EPOCHS)}, got {bad!r} in {args.epochs!r}.")
 
     def ep(name: str) -> dict:
         return {"max_epochs": epochs[name]} if name in epochs else {}

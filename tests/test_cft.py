@@ -201,6 +201,26 @@ def test_intervention_sampling_one_variable_per_sample(world):
             assert chosen.std() > 0.4  # spread over the range, not the factual values
 
 
+@pytest.mark.parametrize("nelbo_value, one_sided, grad", [(3.0, True, 0.5 + 100 * 0.5), (2.0, True, 0.5),
+                                                          (2.0, False, 0.5 - 100 * 0.5), (3.0, False, 0.5 + 100 * 0.5)])
+def test_one_sided_damping_only_acts_on_violations(nelbo_value, one_sided, grad):
+    c = ConstrainedELBO(damping=100.0, lagrange_init=0.5, elbo_target=2.5, one_sided=one_sided)
+    nelbo = torch.tensor(nelbo_value, requires_grad=True)
+    c(torch.tensor(0.0), nelbo).backward()
+    assert nelbo.grad.item() == pytest.approx(grad)
+
+
+def test_elbo_slack_is_added_to_the_measured_target(world):
+    slack = trainer_for(world, epoch_length=1, elbo_target_batches=3, elbo_slack=0.25)
+    torch.manual_seed(5)
+    expected = slack.measure_elbo_target()
+    torch.manual_seed(5)
+    slack.run()
+    assert slack.constraint.eps.item() == pytest.approx(expected + 0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="elbo_slack"):
+        trainer_for(world, elbo_slack=float("nan"))
+
+
 def test_elbo_target_measured_at_start_or_given(world):
     trainer = trainer_for(world, epoch_length=1, elbo_target_batches=3)
     torch.manual_seed(5)

@@ -245,7 +245,7 @@ def test_load_datalist_reports_missing_files_by_name(tmp_path):
         (json.dumps({"training": ["images/a.nii.gz"]}), r"training\[0\] must be an object"),
         (json.dumps({"training": [{"id": "a"}]}), r"lacks required key\(s\) \['image'\]"),
         (json.dumps({"training": [{"id": "a", "image": 3}]}), "must be a file path"),
-        (json.dumps({"training": [{"id": "", "image": "a"}]}), "invalid id"),
+        (json.dumps({"training": [{"id": "", "image": "a"}]}), "invalid case id ''"),
         (json.dumps({"training": [_item("a")], "test": [_item("a")]}), "appears twice"),
     ],
 )

@@ -181,3 +181,89 @@ def test_load_prepare_config_validation(scpr_dir, tmp_path):
         save_json(content, tmp_path / "prepare_config.json")
         with pytest.raises(ValueError, match=match):
             load_prepare_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability (issue 13): one prepare per folder at a time; the per-case skip checks the geometry
+# ---------------------------------------------------------------------------------------------
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0); os.write(fd, b"424242")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+_PROBE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(3)
+"""
+
+
+def test_concurrent_prepare_of_one_folder_fails_at_once(raw_dir, scpr_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "scpr"
+    shutil.copytree(scpr_dir, out)
+    lock = out / prepare_module.LOCK_FILE
+    settings = (out / ".prepare_settings.json").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="another process") as info:
+            prepare_dataset(raw_dir, out, preset="paper", workers=0, progress=False)
+        assert time.perf_counter() - t0 < 1.0, "the second run must fail at once, not wait"
+        assert str(out) in str(info.value) and str(lock) in str(info.value) and "424242" in str(info.value)
+        assert (out / ".prepare_settings.json").read_text() == settings, "the refused run must write nothing"
+    finally:
+        holder.communicate("")
+    # the lock is held for the whole run: another process cannot take it while cases are prepared
+    probes = []
+    real_map = prepare_module.parallel_map
+
+    def probing_map(*args, **kwargs):
+        probes.append(subprocess.run([sys.executable, "-c", _PROBE_LOCK, str(lock)]).returncode)
+        yield from real_map(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "parallel_map", probing_map)
+    config = prepare_dataset(raw_dir, out, preset="quick", workers=0, progress=False)
+    assert probes == [3] and config["_stats"]["skipped"] == 3
+    assert subprocess.run([sys.executable, "-c", _PROBE_LOCK, str(lock)]).returncode == 0, "released after the run"
+
+
+@pytest.mark.parametrize(
+    "shape,spacing,why",
+    [((64, 384), 0.25, r"shape \(64, 384\), expected \(32, 192\)"),  # left by a concurrent 'paper' run
+     ((32, 192), 0.25, r"spacing \[0.25, 0.25\] mm, expected 0.5 mm")],
+)
+def test_resume_reprepares_cases_made_with_other_geometry(raw_dir, scpr_dir, tmp_path, shape, spacing, why):
+    out = tmp_path / "scpr"
+    shutil.copytree(scpr_dir, out)
+    case = "case_0001"
+    from monai_cft.data.io import save_nifti
+
+    save_nifti(np.zeros(shape, np.float32), np.diag([spacing, spacing, spacing, 1.0]), out / "images" / f"{case}.nii.gz")
+    with pytest.warns(UserWarning, match=f"1 finished case.*prepared again.*{case}.*{why}"):
+        config = prepare_dataset(raw_dir, out, preset="quick", workers=0, progress=False)
+    assert (config["_stats"]["prepared"], config["_stats"]["skipped"]) == (1, 2)
+    img = nib.load(out / "images" / f"{case}.nii.gz")
+    assert img.shape == (32, 192) and np.allclose(img.header.get_zooms()[:2], 0.5)
+    assert (out / "images" / f"{case}.nii.gz").read_bytes() == (scpr_dir / "images" / f"{case}.nii.gz").read_bytes()
+
+
+def test_resume_with_another_preset_is_refused(raw_dir, scpr_dir, tmp_path):
+    out = tmp_path / "scpr"
+    shutil.copytree(scpr_dir, out)
+    with pytest.raises(ValueError, match=r"other settings.*spacing.*\(0.5, 0.25\)"):
+        prepare_dataset(raw_dir, out, preset="paper", workers=0, progress=False)
+    assert nib.load(out / "images" / "case_0000.nii.gz").shape == (32, 192)

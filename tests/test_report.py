@@ -129,7 +129,8 @@ def test_report_sections_with_ground_truth(tmp_path):
     for head in ("## Gap closure", "## Response slopes", "## Pixel L1 to the ground truth (HU)",
                  "## Physics measure of calcium"):
         assert head in text
-    assert "_Omitted" not in text
+    new_sections = text.split("## Gap closure")[1].split("## Composition")[0]
+    assert "_Omitted" not in new_sections
     lines = text.splitlines()
     # vs No-CFT: (10 - 4) / (10 - 2) = 0.75; vs identity: (12 - 4) / (12 - 2) = 0.8 and (12 - 10) / 10 = 0.2
     i = lines.index("| Intervention | Pos-Seg-CFT |")
@@ -172,7 +173,26 @@ def test_report_sections_without_ground_truth(tmp_path):
 def test_report_of_old_metrics_omits_the_new_sections(tmp_path):
     _write_mode(tmp_path, "reg", lambda c, iv: 4.0 if iv else 2.0)
     text = write_report(tmp_path, ["reg"]).read_text()
-    assert text.count("_Omitted") == 4
+    assert text.count("_Omitted") == 6  # the four metric sections, benchmark validity and measurements
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(summary[k] is None for k in ("gap_closure", "response_slope", "pixel_l1_to_ground_truth",
                                              "calcium_threshold"))
+
+
+def test_benchmark_validity_ratios_and_measurements(tmp_path):
+    _write_mode(tmp_path, "none", lambda c, iv: 10.0 if iv else 3.0)
+    _write_mode(tmp_path, "identity", lambda c, iv: 12.0 if iv else 0.5, with_metrics=False)
+    _write_mode(tmp_path, "ground_truth", lambda c, iv: 3.0 if iv else 0.5, with_metrics=False)
+    dice = {s: {"per_image": 0.9, "pooled": 0.91, "n_images": 4, "false_positive_images": 0} for s in STRUCTS}
+    (tmp_path / "eval" / "measurements.json").write_text(json.dumps({
+        "split": "test", "n_cases": 4,
+        "segmentors": {"eval": {"arch": "segresnet", "dice": dice,
+                                "area_mae_mm2": {f"{s}_{r}": 1.0 for s in STRUCTS for r in REGIONS}}},
+        "calcium_threshold": {"threshold_hu": 600.0, "fitted_on": "training split (8 cases)",
+                              "test_mae_mm2": {r: 1.5 for r in REGIONS}}}))
+    text = write_report(tmp_path, ["none"]).read_text()
+    assert "| do(NCPA-mid) | 0.50 / 0.50 = 1.00 | **3.00 / 12.00 = 0.25** | 0.50 / 0.50 = 1.00 |" in text
+    assert "| eval (segresnet) | 0.900 / 0.910 | 0.900 / 0.910 | 0.900 / 0.910 |" in text
+    assert "Calcium threshold 600 HU" in text
+    val = json.loads((tmp_path / "summary.json").read_text())["benchmark_validity"]
+    assert val["max_intervened_ratio"] == pytest.approx(0.25) and val["max_other_ratio"] == pytest.approx(1.0)

@@ -32,6 +32,7 @@ __all__ = [
     "load_centerline",
     "save_centerline",
     "load_datalist",
+    "check_file_name",
     "DEFAULT_SPLITS",
     "DEFAULT_PATH_KEYS",
 ]
@@ -43,6 +44,34 @@ DEFAULT_PATH_KEYS: tuple[str, ...] = ("image", "label", "centerline")
 
 PathLike = str | os.PathLike
 
+#: longest case id / file-name prefix accepted (bytes; the file system's limit is 255 with suffixes).
+MAX_NAME_BYTES = 200
+
+
+def check_file_name(name: Any, what: str = "case id", source: str | None = None) -> str:
+    """Return ``name`` if it is a plain file name (a case id or a file-name prefix), else raise.
+
+    A plain name is a non-empty string of at most :data:`MAX_NAME_BYTES` bytes without ``/``,
+    ``\\``, NUL or ``..``, that does not start with ``.`` (no hidden files, no ``.`` / ``..``), so
+    that ``<folder>/<name>.nii.gz`` always stays inside ``<folder>``.
+
+    Raises:
+        ValueError: naming the bad value and, if given, where it came from (``source``).
+    """
+    where = f" in {source}" if source else ""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid {what} {name!r}{where}: it must be a non-empty string (a plain file name).")
+    bad = [c for c in ("/", "\\", "\0", "..") if c in name]
+    if bad or name.startswith("."):
+        why = f"contains {', '.join(repr(c) for c in bad)}" if bad else "starts with '.'"
+        raise ValueError(
+            f"invalid {what} {name!r}{where}: it {why}; it must be a plain file name (no path separators, no '..', "
+            f"no leading '.', no NUL) because files are named after it."
+        )
+    if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+        raise ValueError(f"invalid {what} {name[:40]!r}...{where}: it is longer than {MAX_NAME_BYTES} bytes.")
+    return name
+
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike, makedirs: bool = True) -> Iterator[Path]:
@@ -50,7 +79,9 @@ def atomic_path(path: PathLike, makedirs: bool = True) -> Iterator[Path]:
 
     The temporary file lives in the destination folder (so ``os.replace`` is an atomic rename on
     the same file system) and keeps the full suffix of ``path`` (``.nii.gz``, ``.csv``), so
-    libraries that pick a format from the extension still work. If the ``with`` block raises,
+    libraries that pick a format from the extension still work. Before the rename the file's data
+    is flushed to disk (``os.fsync``) and after it the folder's entry, so that after a power loss
+    ``path`` holds either the old or the complete new content. If the ``with`` block raises,
     the temporary file is deleted and the exception propagates; ``path`` is left untouched.
 
     Args:
@@ -72,11 +103,30 @@ def atomic_path(path: PathLike, makedirs: bool = True) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary file for {str(path)!r}.")
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush a file's data (or a folder's entries) to disk; folders that cannot be opened (Windows) are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _to_numpy(array: Any) -> np.ndarray:
@@ -388,8 +438,7 @@ def load_datalist(
                 )
             item = dict(item)
             if "id" in item:
-                if not isinstance(item["id"], str) or not item["id"]:
-                    raise ValueError(f"datalist item {split}[{i}] has an invalid id {item['id']!r}.")
+                check_file_name(item["id"], "case id", f"datalist {str(path)!r} item {split}[{i}]")
                 if item["id"] in seen:
                     raise ValueError(
                         f"datalist id {item['id']!r} appears twice (in {seen[item['id']]!r} and {split!r})."

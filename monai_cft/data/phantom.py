@@ -59,6 +59,7 @@ __all__ = [
     "validate_phantom_params",
     "calibre_factor",
     "fat_mask",
+    "phantom_geometry",
 ]
 
 #: version of the parameter format; :func:`render_phantom` refuses other versions.
@@ -617,6 +618,18 @@ def _tissue_hu(
     return hu
 
 
+def phantom_geometry(params: Mapping[str, Any]) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+    """The grid and centreline of a phantom without rendering it: ``(affine (4, 4), shape, centreline (N, 3))``.
+
+    Identical to the ``affine``, ``image.shape`` and ``centerline`` of :func:`render_phantom` (the grid
+    depends on the centreline only, not on the lumen, plaques or tissue).
+    """
+    dense, _ = phantom_centerline(params, step=_DENSE_STEP_MM)
+    centerline, _ = phantom_centerline(params, step=_SAVE_STEP_MM)
+    affine, shape = _grid(dense, params["imaging"]["spacing_mm"], float(params["imaging"]["margin_mm"]))
+    return affine, tuple(int(v) for v in shape), centerline
+
+
 def fat_mask(params: Mapping[str, Any], affine: np.ndarray, shape: Sequence[int], clearance_mm: float = 1.5,
              label: np.ndarray | None = None) -> np.ndarray:
     """(X, Y, Z) bool: voxels of a phantom's epicardial fat, at least ``clearance_mm`` from any vessel label.
@@ -652,13 +665,16 @@ def _add_bloom(hu: np.ndarray, vox: np.ndarray, excess: np.ndarray, affine: np.n
     hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += crop
 
 
-def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> PhantomCase:
+def render_phantom(params: Mapping[str, Any], with_image: bool = True,
+                   arc_window: tuple[float, float] | None = None) -> PhantomCase:
     """Render the volume, label map, affine and centreline of one phantom.
 
     Args:
         params: parameters from :func:`sample_phantom_params` (or loaded from its JSON file).
         with_image: ``False`` skips the HU image (tissue, noise and blur) and returns an empty
             ``image`` array; the label, affine and centreline are identical to a full render.
+        arc_window: ``(s0, s1)`` mm: label only the vessel between these arc lengths (labels
+            elsewhere stay 0); much faster for measuring one region. Requires ``with_image=False``.
 
     Returns:
         :class:`PhantomCase` with ``image`` (X, Y, Z) int16 HU, ``label`` (X, Y, Z) uint8,
@@ -688,7 +704,13 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> Phanto
 
     # candidate voxels: union of index-space balls around coarse centreline points (a tube a little
     # wider than the vessel), then the exact nearest dense point from a KD-tree query
-    vox = _tube_voxels(dense, band_dense, affine, shape)
+    if arc_window is not None:
+        if with_image:
+            raise ValueError("arc_window renders a partial label map; it needs with_image=False.")
+        near = (s_dense >= float(arc_window[0]) - 1.0) & (s_dense <= float(arc_window[1]) + 1.0)
+        vox = _tube_voxels(dense[near], band_dense[near], affine, shape) if near.any() else np.zeros((0, 3), int)
+    else:
+        vox = _tube_voxels(dense, band_dense, affine, shape)
     world = _apply_affine(affine, vox)
     dist, idx = cKDTree(dense).query(world, k=1, distance_upper_bound=float(band_dense.max()) + _DENSE_STEP_MM)
     keep = np.isfinite(dist)
@@ -699,6 +721,8 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> Phanto
     radial = vec - along[:, None] * tangent[idx]
     r = np.linalg.norm(radial, axis=1)
     inside = (s >= 0.0) & (s <= length) & (r < band_dense[idx])
+    if arc_window is not None:
+        inside &= (s >= float(arc_window[0])) & (s <= float(arc_window[1]))
     vox, idx, s, r, radial = vox[inside], idx[inside], s[inside], r[inside], radial[inside]
     psi = np.arctan2(np.sum(radial * e2[idx], axis=1), np.sum(radial * e1[idx], axis=1))
 

@@ -19,25 +19,30 @@ and writes::
     SCPR/variables.csv            id, split, the nine variables
     SCPR/prepare_config.json      geometry, names and the training split's [min, max] per variable
 
-Cases whose marker exists are skipped unless ``--overwrite`` (an interrupted run resumes); every file
-is written atomically. Cases without a label are straightened but get no variables.
+Cases whose marker exists are skipped unless ``--overwrite`` (an interrupted run resumes), provided
+their image (and label) has the requested geometry (shape and pixel spacing; a case made with other
+settings is prepared again, with a warning); every file is written atomically. Cases without a label
+are straightened but get no variables. One run at a time per folder: ``SCPR/.prepare.lock`` is held
+(``fcntl.flock``) for the whole run, and a second run on the same folder fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from monai_cft.data._parallel import default_workers, parallel_map
-from monai_cft.data.io import atomic_path, load_datalist, save_csv, save_json, save_nifti
+from monai_cft.data.io import atomic_path, check_file_name, load_datalist, save_csv, save_json, save_nifti
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS, get_scpr_preset
 from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
 
@@ -60,6 +65,32 @@ IMAGE_PADDING_HU = -1024.0
 _GEOMETRY_KEYS = ("spacing", "output_size", "angle", "structures", "regions", "boundaries")
 #: hidden file with the settings of a run, written before any case (guards resuming with other settings).
 _SETTINGS = ".prepare_settings.json"
+#: lock file held for the whole of a run (one ``prepare`` per folder at a time).
+LOCK_FILE = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``root/.prepare.lock``; fail at once if another run holds it."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RuntimeError(
+                f"{str(root)!r} is being prepared by another process (pid {holder}, lock file {str(path)!r}); "
+                f"wait for it to finish or use another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def build_prepare_transform(
@@ -127,6 +158,22 @@ def _case_files(case: str) -> dict[str, str]:
     }
 
 
+def _geometry_mismatch(path: Path, spacing: float, output_size: Sequence[int]) -> str | None:
+    """How the prepared image at ``path`` differs from the requested geometry (``None``: it matches)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape, zooms = tuple(int(v) for v in img.shape), [float(z) for z in img.header.get_zooms()[:2]]
+    except Exception as err:  # unreadable file: prepare the case again
+        return f"{path.name} is unreadable ({type(err).__name__}: {err})"
+    if shape != tuple(int(v) for v in output_size):
+        return f"{path.name} has shape {shape}, expected {tuple(output_size)}"
+    if not np.allclose(zooms, spacing, rtol=1e-5, atol=0.0):
+        return f"{path.name} has spacing {zooms} mm, expected {spacing} mm"
+    return None
+
+
 def _read_marker(path: Path, names: Sequence[str]) -> list[float] | None:
     """Variables stored in a finished case's CSV (``None`` for an unlabelled case)."""
     with open(path, newline="") as fh:
@@ -151,17 +198,20 @@ def prepare_case(job: Mapping[str, Any]) -> dict[str, Any]:
         ``{"id", "labelled", "variables": list[float] | None, "skipped": bool}``.
     """
     item = job["item"]
-    case = item["id"]
+    case = check_file_name(item.get("id"), "case id", "prepare_case")
     root = Path(job["out_dir"])
     files = _case_files(case)
     names = variable_names(DEFAULT_STRUCTURES, DEFAULT_REGIONS)
     labelled = "label" in item
     marker = root / files["marker"]
+    mismatch = None
     if marker.is_file() and not job["overwrite"]:
         image_ok = (root / files["image"]).is_file() and (not labelled or (root / files["label"]).is_file())
         if image_ok:
             values = _read_marker(marker, names)
-            if (values is not None) == labelled:
+            for key in ("image", "label") if labelled else ("image",):
+                mismatch = mismatch or _geometry_mismatch(root / files[key], job["spacing"], job["output_size"])
+            if (values is not None) == labelled and mismatch is None:
                 return {"id": case, "labelled": labelled, "variables": values, "skipped": True}
     marker.unlink(missing_ok=True)
 
@@ -202,7 +252,7 @@ def prepare_case(job: Mapping[str, Any]) -> dict[str, Any]:
         save_csv(["id"], [[case]], marker)
     else:
         save_csv(["id", *names], [[case, *values]], marker)
-    return {"id": case, "labelled": labelled, "variables": values, "skipped": False}
+    return {"id": case, "labelled": labelled, "variables": values, "skipped": False, "redone": mismatch}
 
 
 def _check_existing_config(out_dir: Path, config: Mapping[str, Any]) -> None:
@@ -265,9 +315,17 @@ def prepare_dataset(
         "image_padding_hu": IMAGE_PADDING_HU,
     }
     datalist = load_datalist(raw / "dataset.json", required_keys=("id", "image", "centerline"))
+    with _folder_lock(root):
+        return _prepare_locked(raw, root, preset, geometry, names, config, datalist, workers, angle, overwrite,
+                               save_grid, progress)
+
+
+def _prepare_locked(raw: Path, root: Path, preset: str, geometry: Mapping[str, Any], names: Sequence[str],
+                    config: dict[str, Any], datalist: Mapping[str, Any], workers: int | None, angle: float,
+                    overwrite: bool, save_grid: bool, progress: bool) -> dict[str, Any]:
+    """:func:`prepare_dataset` once the folder's lock is held."""
     if not overwrite:
         _check_existing_config(root, config)
-    root.mkdir(parents=True, exist_ok=True)
     save_json({k: config[k] for k in ("preset", *_GEOMETRY_KEYS)}, root / _SETTINGS)
     jobs = [
         {"item": item, "out_dir": str(root), "spacing": geometry["spacing"], "output_size": geometry["output_size"],
@@ -282,6 +340,11 @@ def prepare_dataset(
         for r in parallel_map(prepare_case, jobs, workers, desc=f"sCPR {preset}", progress=progress, preload=preload)
     }
     elapsed = time.perf_counter() - start
+    redone = {r["id"]: r["redone"] for r in results.values() if r.get("redone")}
+    if redone:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(redone.items())[:5])
+        warnings.warn(f"{len(redone)} finished case(s) of {str(root)!r} had been made with other settings and were "
+                      f"prepared again ({shown}{' ...' if len(redone) > 5 else ''}).", stacklevel=3)
 
     out_list: dict[str, Any] = {"name": f"sCPR ({preset}) of {raw.name}", "tensorImageSize": "2D"}
     rows = []

@@ -26,7 +26,7 @@ import numpy as np
 
 from monai_cft.data._parallel import default_workers, parallel_map
 from monai_cft.data.datalist import LABEL_NAMES, split_ids
-from monai_cft.data.io import DEFAULT_SPLITS, save_centerline, save_json, save_nifti
+from monai_cft.data.io import DEFAULT_SPLITS, check_file_name, save_centerline, save_json, save_nifti
 from monai_cft.data.phantom import LABELS, PHANTOM_VERSION, PhantomConfig, render_phantom, sample_phantom_params
 
 __all__ = ["case_id", "case_paths", "write_case", "generate_dataset", "main"]
@@ -69,6 +69,7 @@ def write_case(job: tuple[str, str, dict[str, Any], bool]) -> dict[str, Any]:
         ``{"id", "image", "label", "centerline", "params", "skipped", "seconds"}``.
     """
     out_dir, case, params, overwrite = job
+    check_file_name(case, "case id", "write_case")
     root = Path(out_dir)
     paths = case_paths(case)
     start = time.perf_counter()

@@ -46,7 +46,14 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 from torch.optim import Optimizer
 
-from monai_cft.engines.common import ModelEMA, PrepareBatchKeys, autocast, clip_and_check, linear_warmup
+from monai_cft.engines.common import (
+    ModelEMA,
+    PrepareBatchKeys,
+    autocast,
+    check_count,
+    clip_and_check,
+    linear_warmup,
+)
 from monai_cft.losses.guidance import RegressorGuidanceLoss, SegmentorGuidanceLoss
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
@@ -77,17 +84,25 @@ class ConstrainedELBO(nn.Module):
     ``nelbo - eps``, ascended by the multiplier's optimizer (``maximize=True``) and ``lambda`` is
     clamped at 0 after each step (:meth:`clamp_`).
 
+    With ``one_sided=True`` the damping acts only on a violation: the term is
+    ``damping * sg(min(eps - nelbo, 0))``, so an ELBO better than ``eps`` is left alone (an inequality
+    constraint) instead of being pushed back up to ``eps``; with a slack in ``eps`` this leaves the
+    guidance the whole slack to spend.
+
     Args:
         damping: weight of the damping term (100 in causal-gen).
         lagrange_init: initial ``lambda`` (>= 0).
+        one_sided: damp violations only (see above); False is causal-gen's two-sided form.
         elbo_target: ``eps`` in nats per image element, or ``None`` to set it later
             (:meth:`set_target`); kept as a buffer so that it is saved and restored.
 
     Shapes: ``aux`` and ``nelbo`` are scalars; so is the result.
     """
 
-    def __init__(self, damping: float = 100.0, lagrange_init: float = 0.0, elbo_target: float | None = None) -> None:
+    def __init__(self, damping: float = 100.0, lagrange_init: float = 0.0, elbo_target: float | None = None,
+                 one_sided: bool = False) -> None:
         super().__init__()
+        self.one_sided = bool(one_sided)
         if not (math.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping must be finite and >= 0, got {damping}.")
         if not (math.isfinite(lagrange_init) and lagrange_init >= 0):
@@ -115,7 +130,8 @@ class ConstrainedELBO(nn.Module):
         if not self.has_target:
             raise RuntimeError("the ELBO target eps is not set: call set_target() or measure it first.")
         gap = self.eps.to(nelbo.dtype) - nelbo
-        return aux - (self.lmbda - self.damping * gap.detach()) * gap
+        damp = gap.detach().clamp(max=0.0) if self.one_sided else gap.detach()
+        return aux - (self.lmbda - self.damping * damp) * gap
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -161,6 +177,7 @@ class CFTTrainer(Trainer):
             nELBO + slack``): the room the guidance may spend before the constraint pushes back.
             With no slack, batch-to-batch noise of the measured ELBO (~0.03 nats) alone drives the
             multiplier and the damping term, which then outweigh the guidance (docs/cft.md).
+        one_sided_damping: damp only ELBO violations (:class:`ConstrainedELBO` ``one_sided``).
         ema_decay: decay of the EMA of the HVAE's weights.
         grad_clip, grad_skip: gradient-norm clipping and skip thresholds (causal-gen: 350 / 500;
             ``None`` or ``inf`` disables either). See docs/cft.md on the skip deadlock the damping
@@ -201,6 +218,7 @@ class CFTTrainer(Trainer):
         elbo_target: float | None = None,
         elbo_target_batches: int = 16,
         elbo_slack: float = 0.0,
+        one_sided_damping: bool = False,
         ema_decay: float = 0.999,
         grad_clip: float | None = 350.0,
         grad_skip: float | None = 500.0,
@@ -233,6 +251,7 @@ class CFTTrainer(Trainer):
             raise ValueError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}.")
         if not (math.isfinite(noise_temperature) and noise_temperature >= 0):
             raise ValueError(f"noise_temperature must be finite and >= 0, got {noise_temperature}.")
+        max_epochs = check_count(max_epochs, "max_epochs")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -270,7 +289,7 @@ class CFTTrainer(Trainer):
                 )
         self.optimizer = optimizer
         self.lr_scheduler = linear_warmup(optimizer, lr_warmup_steps)
-        self.constraint = ConstrainedELBO(damping, lagrange_init, elbo_target).to(self.state.device)
+        self.constraint = ConstrainedELBO(damping, lagrange_init, elbo_target, one_sided_damping).to(self.state.device)
         self.lagrange_optimizer = torch.optim.AdamW(
             [self.constraint.lmbda], lr=lagrange_lr, betas=tuple(betas), weight_decay=0.0, maximize=True
         )
@@ -424,6 +443,10 @@ class CFTTrainer(Trainer):
                 f"resume state {str(path)!r} has variables {meta.get('variables')}, "
                 f"the DSCM has {list(self.dscm.normalizer.names)}."
             )
+        from monai_cft.utils.checkpoint import check_finite
+
+        for key in ("hvae", "ema"):
+            check_finite(state[key], f"resume state {str(path)!r} (delete it to restart the fine-tuning)", key)
         self.hvae.load_state_dict(state["hvae"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

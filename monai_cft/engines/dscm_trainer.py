@@ -40,6 +40,7 @@ from monai_cft.engines.common import (
     ModelEMA,
     as_plain_tensor,
     autocast,
+    check_count,
     linear_warmup,
     lower_is_better,
     step_or_skip,
@@ -185,6 +186,7 @@ class DSCMTrainer(Trainer):
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+        max_epochs = check_count(max_epochs, "max_epochs")
         if schedule == "flows_first" and not 1 <= int(flow_epochs) < int(max_epochs):
             raise ValueError(
                 f"schedule 'flows_first' needs 1 <= flow_epochs < max_epochs, got flow_epochs={flow_epochs} "

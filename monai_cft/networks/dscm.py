@@ -20,6 +20,7 @@ observed [min, max] to [-1, 1] by :class:`ParentNormalizer`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -225,8 +226,12 @@ class DeepSCM(nn.Module):
         Returns:
             x_cf (B, C, *spatial) = ``loc_cf + scale_cf * T * (x - loc) / scale``.
         """
-        if noise_temperature < 0:
-            raise ValueError(f"noise_temperature must be >= 0, got {noise_temperature}.")
+        try:
+            temperature = float(noise_temperature)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"noise_temperature must be a number, got {noise_temperature!r}.") from err
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"noise_temperature must be a finite number >= 0, got {noise_temperature!r}.")
         loc_cf, scale_cf = self.hvae.decode(latents, parents_cf_norm)
         x_cf = loc_cf + scale_cf * (noise_temperature * (x - loc) / scale)
         return x_cf.clamp(-1.0, 1.0) if clamp else x_cf
@@ -354,10 +359,15 @@ class DeepSCM(nn.Module):
             expected_preset: if given, a checkpoint of another HVAE preset raises ``ValueError``.
             map_location: device for ``torch.load``.
         """
+        source = "checkpoint (dict)"
         if not isinstance(checkpoint, Mapping):
+            source = f"checkpoint {str(checkpoint)!r}"
             checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
         if "model" not in checkpoint or "meta" not in checkpoint:
             raise ValueError(f"checkpoint must hold 'model' and 'meta', got keys {sorted(checkpoint)}.")
+        from monai_cft.utils.checkpoint import check_finite
+
+        check_finite(checkpoint["model"], source)
         meta = checkpoint["meta"]
         missing = [k for k in ("hvae_config", "variables", "ranges") if k not in meta]
         if missing:

@@ -65,6 +65,8 @@ ARCH_KEYS = (
     "cond_prior",
     "spatial_parents",
 )
+#: value of an architecture key that checkpoints written before the key existed imply.
+_ARCH_DEFAULTS = {"spatial_parents": False}
 
 
 def beta_schedule(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
@@ -498,9 +500,9 @@ class HierarchicalVAE(nn.Module):
                 raise ValueError(f"checkpoint is from HVAE preset {theirs!r} but this model is preset {ours!r}.")
             return
         diffs = {
-            k: (other.get(k), self.config[k])
+            k: (other.get(k, _ARCH_DEFAULTS.get(k)), self.config[k])
             for k in ARCH_KEYS
-            if _normalise(other.get(k)) != _normalise(self.config[k])
+            if _normalise(other.get(k, _ARCH_DEFAULTS.get(k))) != _normalise(self.config[k])
         }
         if diffs:
             detail = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diffs.items())

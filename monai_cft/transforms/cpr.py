@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,8 @@ SCPR_CENTERLINE_KEY = "scpr_centerline"
 _SUPPORTED_MODES = ("bilinear", "nearest")
 _DUPLICATE_TOL_MM = 1e-6
 _MAX_OUTSIDE_FRACTION = 0.5
+#: warn when at least this fraction of the output pixels lies outside the volume or past the vessel.
+_WARN_PADDING_FRACTION = 0.99
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +320,16 @@ def _image_and_affine(img: Any, affine: Any | None, name: str = "img") -> tuple[
         raise ValueError(f"{name} must be channel-first 3D (C, X, Y, Z), got shape {tuple(data.shape)}.")
     if min(data.shape[1:]) < 2:
         raise ValueError(f"{name} needs at least 2 voxels along every spatial axis, got shape {tuple(data.shape)}.")
+    if data.is_floating_point() or data.is_complex():
+        finite = torch.isfinite(data)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            nan = int(torch.isnan(data).sum())
+            raise ValueError(
+                f"{name} has {bad} non-finite voxel(s) ({nan} NaN, {bad - nan} infinite) of {data.numel()}; "
+                "straightening would spread them into the sCPR. Replace them first (e.g. with the padding "
+                "value, torch.nan_to_num) or fix the file."
+            )
     return data, aff
 
 
@@ -370,6 +383,16 @@ class SCPRGeometry:
                 "in the same world coordinates (mm) as the image affine."
             )
         vox = grid @ inv[:3, :3].T + inv[:3, 3]
+        inside_px = int(((vox >= -0.5) & (vox <= shape - 0.5)).all(-1).sum())
+        total_px = (grid.numel() // 3) // n_valid * width
+        padded = 1.0 - inside_px / total_px
+        if padded >= _WARN_PADDING_FRACTION:
+            warnings.warn(
+                f"{padded:.1%} of the sCPR's {total_px} pixels are padding (outside the volume of shape "
+                f"{tuple(int(s) for s in spatial_shape)} or beyond the vessel's end) with spacing {spacing} mm and "
+                f"output size {tuple(size)}; check spacing and output_size (mm per pixel, pixels).",
+                stacklevel=3,
+            )
         norm = 2.0 * vox / (shape - 1.0) - 1.0
         self.sample_grid = norm.flip(-1)  # grid_sample wants (z, y, x) order = (W, H, D) of (D, H, W)
 
@@ -527,7 +550,9 @@ class StraightenCPR(Transform):
 
     Raises ValueError when more than half of the resampled centreline points used lie outside the
     volume (a centreline in the wrong coordinate system); a centreline only slightly outside is
-    sampled and the outside pixels get ``padding_value``.
+    sampled and the outside pixels get ``padding_value``. Raises ValueError (giving their number)
+    when the image has NaN or infinite voxels: there is no NaN policy, replace them before. Warns
+    when at least 99 % of the output pixels would be padding (e.g. a spacing in the wrong unit).
     """
 
     backend = [TransformBackends.TORCH]

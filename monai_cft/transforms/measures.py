@@ -8,6 +8,7 @@ and Pos-Seg-CFT (K regions, Eq. 2 of the positional paper), shared by the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -102,6 +103,60 @@ def _resolve_structures(structures: Mapping[str, int] | Sequence[str]) -> dict[s
     return out
 
 
+#: tolerance of the soft-input checks (probabilities in [0, 1] summing to 1 over the channels; region
+#: masks in [0, 1] summing to at most 1), widened for half-precision inputs.
+_SOFT_TOL = 1e-3
+_UNLISTED = ("warn", "error", "ignore")
+
+
+def _tolerance(t: torch.Tensor) -> float:
+    return max(_SOFT_TOL, 10.0 * float(torch.finfo(t.dtype).eps)) if t.is_floating_point() else _SOFT_TOL
+
+
+def _check_soft(probs: torch.Tensor) -> None:
+    """(B, C, *sp) probabilities: finite, in [0, 1], summing to 1 over the channels (within tolerance)."""
+    x = probs.detach()
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            raise ValueError(f"soft label has {int((~finite).sum())} non-finite (NaN / inf) value(s).")
+    tol = _tolerance(x)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -tol or hi > 1.0 + tol:
+        raise ValueError(
+            f"soft label values must be probabilities in [0, 1], got min {lo:.6g} and max {hi:.6g}"
+            + (" (logits? apply softmax over the channels first)" if lo < -tol else "") + "."
+        )
+    sums = x.double().sum(1)
+    worst = float((sums - 1.0).abs().max())
+    if worst > tol * x.shape[1]:
+        raise ValueError(
+            f"the {x.shape[1]} channels of a soft label must sum to 1 at every pixel (channel 0 is the background), "
+            f"got sums from {float(sums.min()):.6g} to {float(sums.max()):.6g}."
+        )
+
+
+def _check_masks(masks: torch.Tensor, k_dim: int) -> None:
+    """Region masks: finite, in [0, 1], not overlapping (their sum over the regions is at most 1)."""
+    x = masks.detach()
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            raise ValueError(f"region masks have {int((~finite).sum())} non-finite (NaN / inf) value(s).")
+    tol = _tolerance(x)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -tol or hi > 1.0 + tol:
+        raise ValueError(f"region mask values must lie in [0, 1], got min {lo:.6g} and max {hi:.6g}.")
+    total = float(x.double().sum(k_dim).max())
+    if total > 1.0 + tol * x.shape[k_dim]:
+        raise ValueError(
+            f"region masks overlap: their sum over the {x.shape[k_dim]} regions reaches {total:.6g} at some pixel "
+            "(at most 1: each pixel belongs to one region, or is shared with weights summing to 1)."
+        )
+
+
 def _element_size(img: Any, spatial_dims: int) -> float | None:
     """Pixel area / voxel volume (mm^2 / mm^3) from a MetaTensor's affine, or None."""
     if not isinstance(img, MetaTensor) or img.affine.ndim != 2 or img.affine.shape[-1] < spatial_dims + 1:
@@ -125,6 +180,13 @@ class StructureMeasures(Transform):
             structures alone).
         element_size: pixel area / voxel volume in mm^2 / mm^3; ``None`` takes it from the label's
             (else the regions') ``MetaTensor`` affine.
+        unlisted: what a label map value that is neither 0 (background) nor in ``structures`` does:
+            ``"warn"`` (default; it is not measured), ``"error"`` (``ValueError``) or ``"ignore"``
+            (e.g. when measuring only some structures on purpose).
+
+    Inputs are checked: a soft label (C > 1) must be finite probabilities in [0, 1] summing to 1
+    over its channels (logits, negative values, NaN raise ``ValueError``), region masks finite, in
+    [0, 1] and not overlapping (their sum over the regions at most 1), all within 1e-3.
 
     Call ``(label, regions=None) -> dict[name -> float]`` with names ``f"{structure}_{region}"``;
     :meth:`measure` returns the same (V,) tensor in the structure-major order of
@@ -138,7 +200,11 @@ class StructureMeasures(Transform):
         structures: Mapping[str, int] | Sequence[str] = DEFAULT_STRUCTURES,
         region_names: Sequence[str] | None = DEFAULT_REGIONS,
         element_size: float | None = None,
+        unlisted: str = "warn",
     ) -> None:
+        if unlisted not in _UNLISTED:
+            raise ValueError(f"unlisted must be one of {_UNLISTED}, got {unlisted!r}.")
+        self.unlisted = unlisted
         self.structures = _resolve_structures(structures)
         self.region_names = tuple(region_names) if region_names else None
         self.names = variable_names(self.structures, self.region_names)
@@ -156,12 +222,22 @@ class StructureMeasures(Transform):
                     "a one-channel label must be an integer label map; for soft probabilities give one channel "
                     "per label value (C > 1)."
                 )
+            if self.unlisted != "ignore":
+                found = torch.unique(lab).tolist()
+                other = sorted({int(v) for v in found} - {0, *values})
+                if other:
+                    msg = (f"label values {other} are neither background (0) nor one of the structures "
+                           f"{self.structures}; they are not measured")
+                    if self.unlisted == "error":
+                        raise ValueError(msg + ".")
+                    warnings.warn(msg + " (unlisted='ignore' silences this).", stacklevel=4)
             vals = torch.tensor(values, device=lab.device).view(1, -1, *([1] * (lab.ndim - 1)))
             return (lab.unsqueeze(1) == vals).to(torch.float64), list(range(len(values)))
         bad = {n: v for n, v in self.structures.items() if v >= label.shape[1]}
         if bad:
             raise ValueError(f"structures {bad} need channels beyond the {label.shape[1]} channels of the label.")
         probs = label if label.is_floating_point() else label.to(torch.float64)
+        _check_soft(probs)
         return probs, values
 
     def _regions(self, regions: Any, spatial: tuple[int, ...]) -> torch.Tensor | None:
@@ -184,6 +260,7 @@ class StructureMeasures(Transform):
                 f"{len(self.region_names)} region names {list(self.region_names)} but the masks have shape "
                 f"{tuple(regions.shape)}."
             )
+        _check_masks(regions, regions.ndim - len(spatial) - 1)
         return regions
 
     def measure_batch(
@@ -246,8 +323,10 @@ class StructureMeasuresd(MapTransform):
         keys: the one label key.
         region_key: key of the (K, *spatial) region masks (ignored when ``region_names`` is None).
         output_key: key of the variables tensor.
-        structures, region_names, element_size: as in :class:`StructureMeasures`.
+        structures, region_names, element_size, unlisted: as in :class:`StructureMeasures`.
         allow_missing_keys: skip the transform when the label is absent.
+        overwrite: replace ``output_key`` and variable keys already in the dictionary (default: a
+            ``KeyError`` naming them, so that a measurement never silently replaces other data).
     """
 
     backend = StructureMeasures.backend
@@ -261,12 +340,15 @@ class StructureMeasuresd(MapTransform):
         region_names: Sequence[str] | None = DEFAULT_REGIONS,
         element_size: float | None = None,
         allow_missing_keys: bool = False,
+        unlisted: str = "warn",
+        overwrite: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"StructureMeasuresd measures one label key, got {list(self.keys)}.")
         self.region_key, self.output_key = region_key, output_key
-        self.measures = StructureMeasures(structures, region_names, element_size)
+        self.overwrite = bool(overwrite)
+        self.measures = StructureMeasures(structures, region_names, element_size, unlisted)
         clash = set(self.measures.names) & {*self.keys, region_key, output_key}
         if clash:
             raise ValueError(f"variable names {sorted(map(str, clash))} clash with the transform's keys.")
@@ -279,6 +361,13 @@ class StructureMeasuresd(MapTransform):
                 if self.region_key not in d:
                     raise KeyError(f"region key {self.region_key!r} not found; available keys: {list(d)}.")
                 regions = d[self.region_key]
+            if not self.overwrite:
+                taken = [k for k in (self.output_key, *self.measures.names) if k in d]
+                if taken:
+                    raise KeyError(
+                        f"StructureMeasuresd would overwrite the existing key(s) {taken}; rename output_key, "
+                        "remove them first or pass overwrite=True."
+                    )
             values = self.measures.measure(d[key], regions).detach().to(torch.float32)
             d[self.output_key] = values
             d.update(zip(self.measures.names, (float(v) for v in values.tolist())))

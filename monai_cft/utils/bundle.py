@@ -30,6 +30,7 @@ __all__ = [
     "validate_overrides",
     "parse_run_argv",
     "check_overrides",
+    "check_override_values",
     "run_bundle",
     "select",
     "check_prepare_config",
@@ -185,6 +186,34 @@ def validate_overrides(config_files: str | Sequence[str] | Mapping, overrides: I
     return checked
 
 
+#: overrides (last id component) that must be whole numbers >= the given minimum (``--max_epochs 1.5``
+#: would otherwise train 2 epochs, ``--max_epochs abc`` fail deep inside ignite).
+COUNT_OVERRIDES: dict[str, int] = {"max_epochs": 1, "flow_epochs": 1, "batch_size": 1, "num_workers": 0,
+                                   "checkpoint_interval": 1, "elbo_target_batches": 1}
+
+
+def check_override_values(overrides: Mapping[str, Any], source: str = "the command line") -> None:
+    """Raise ``ValueError`` naming an override of :data:`COUNT_OVERRIDES` that is not a whole number.
+
+    String values are parsed as Python literals first; expressions (``$...``) and references
+    (``@...``) are left to the config.
+    """
+    from monai_cft.engines.common import check_count
+
+    for key, value in overrides.items():
+        name = _normalize_id(str(key))[-1]
+        if name not in COUNT_OVERRIDES:
+            continue
+        if isinstance(value, str):
+            if value.strip().startswith(("$", "@", "%")):
+                continue
+            value = _parse_value(value)
+        try:
+            check_count(value, name, COUNT_OVERRIDES[name])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"override {key!r} from {source}: {err}") from None
+
+
 def _parse_value(value: str) -> Any:
     try:
         return ast.literal_eval(value)
@@ -270,6 +299,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
             return []
         argv = sys.argv[1:]
     run_args, overrides = parse_run_argv(argv)
+    check_override_values(overrides)
     keys = list(overrides)
     config_file = run_args.get("config_file")
     if run_args.get("args_file"):
@@ -300,6 +330,7 @@ def run_bundle(
     from monai.bundle import run
 
     validate_overrides(config_file, override.keys())
+    check_override_values(override, "run_bundle's keyword arguments")
     kwargs: dict[str, Any] = {}
     if meta_file is not None:
         kwargs["meta_file"] = meta_file

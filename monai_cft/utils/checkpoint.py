@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "check_meta", "to_primitive"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "check_meta", "check_finite", "to_primitive"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 
@@ -145,6 +145,35 @@ def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any] | None, source
         raise ValueError(f"{source} does not match what was asked for: " + "; ".join(problems) + ".")
 
 
+def check_finite(state: Any, source: str, prefix: str = "") -> None:
+    """Raise ``ValueError`` naming every tensor of a (nested) state dict with NaN or infinite values.
+
+    NaN weights would otherwise load silently and make every output NaN. ``source`` names the file
+    (or object) in the message; ``prefix`` is put before the keys.
+    """
+    bad: list[str] = []
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                n = int((~torch.isfinite(value)).sum())
+                bad.append(f"{key!r} ({n} of {value.numel()} values)")
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                visit(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{key!r} (= {value})")
+
+    visit(state, prefix)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{source} holds non-finite (NaN / inf) values in {shown}; "
+                         "it is corrupt or its training diverged: retrain or use another checkpoint.")
+
+
 def load_checkpoint(
     path: str | os.PathLike, expect: Mapping[str, Any] | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -161,8 +190,9 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a monai-cft checkpoint, or its meta differs from ``expect``
-            (the message names every differing key).
+        ValueError: the file is not a monai-cft checkpoint, its meta differs from ``expect``
+            (the message names every differing key), or a weight tensor holds NaN / inf (the
+            message names the keys and the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -172,6 +202,7 @@ def load_checkpoint(
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{str(path)!r} is not a monai-cft checkpoint (expected keys 'model' and 'meta', got {keys}).")
     check_meta(payload["meta"], expect, source=f"checkpoint {str(path)!r}")
+    check_finite(payload["model"], f"checkpoint {str(path)!r}")
     return payload
 
 
