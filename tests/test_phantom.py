@@ -287,3 +287,16 @@ def test_nine_variables_span_a_range_from_zero():
             assert (v[:, j] == 0).any() and (v[:, j] > 0).any(), name
     # the lumen tapers: proximal > mid > distal on average
     assert v[:, 0].mean() > v[:, 1].mean() > v[:, 2].mean()
+
+
+def test_label_voxels_equals_the_rendered_label():
+    from monai_cft.data.phantom import label_voxels
+
+    p = _plaque_params()
+    case = render_phantom(p, with_image=False)
+    rng = np.random.default_rng(0)
+    vox = np.concatenate([np.argwhere(case.label > 0), rng.integers(-2, np.asarray(case.label.shape) + 2, (4000, 3))])
+    inside = np.all((vox >= 0) & (vox < np.asarray(case.label.shape)), axis=1)
+    got = label_voxels(p, vox)
+    np.testing.assert_array_equal(got[inside], case.label[tuple(vox[inside].T)])
+    assert not got[~inside].any()

@@ -60,6 +60,7 @@ __all__ = [
     "calibre_factor",
     "fat_mask",
     "phantom_geometry",
+    "label_voxels",
 ]
 
 #: version of the parameter format; :func:`render_phantom` refuses other versions.
@@ -665,23 +666,10 @@ def _add_bloom(hu: np.ndarray, vox: np.ndarray, excess: np.ndarray, affine: np.n
     hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += crop
 
 
-def render_phantom(params: Mapping[str, Any], with_image: bool = True,
-                   arc_window: tuple[float, float] | None = None) -> PhantomCase:
-    """Render the volume, label map, affine and centreline of one phantom.
-
-    Args:
-        params: parameters from :func:`sample_phantom_params` (or loaded from its JSON file).
-        with_image: ``False`` skips the HU image (tissue, noise and blur) and returns an empty
-            ``image`` array; the label, affine and centreline are identical to a full render.
-        arc_window: ``(s0, s1)`` mm: label only the vessel between these arc lengths (labels
-            elsewhere stay 0); much faster for measuring one region. Requires ``with_image=False``.
-
-    Returns:
-        :class:`PhantomCase` with ``image`` (X, Y, Z) int16 HU, ``label`` (X, Y, Z) uint8,
-        ``affine`` (4, 4) voxel -> world mm (RAS) and the 0.5 mm centreline (N, 3) world mm.
-    """
+def _vessel_frame(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the vessel model needs besides the voxels: dense centreline, frames, grid, outer radius."""
     validate_phantom_params(params)
-    geo, lum, tis, img = params["geometry"], params["lumen"], params["tissue"], params["imaging"]
+    geo, lum, img = params["geometry"], params["lumen"], params["imaging"]
     length = float(geo["length_mm"])
     dense, normals = phantom_centerline(params, step=_DENSE_STEP_MM)
     s_dense = np.minimum(np.arange(len(dense)) * _DENSE_STEP_MM, length)
@@ -701,37 +689,38 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True,
     for p in plaques:
         covered = np.abs(s_dense - p["center_mm"]) < 0.5 * p["length_mm"]
         band_dense[covered] += p["thickness_mm"]
+    return {"length": length, "dense": dense, "s_dense": s_dense, "centerline": centerline, "affine": affine,
+            "shape": shape, "tangent": tangent, "e1": e1, "e2": e2, "band_dense": band_dense, "plaques": plaques}
 
-    # candidate voxels: union of index-space balls around coarse centreline points (a tube a little
-    # wider than the vessel), then the exact nearest dense point from a KD-tree query
-    if arc_window is not None:
-        if with_image:
-            raise ValueError("arc_window renders a partial label map; it needs with_image=False.")
-        near = (s_dense >= float(arc_window[0]) - 1.0) & (s_dense <= float(arc_window[1]) + 1.0)
-        vox = _tube_voxels(dense[near], band_dense[near], affine, shape) if near.any() else np.zeros((0, 3), int)
-    else:
-        vox = _tube_voxels(dense, band_dense, affine, shape)
-    world = _apply_affine(affine, vox)
+
+def _vessel_classes(params: Mapping[str, Any], fr: Mapping[str, Any], vox: np.ndarray) -> dict[str, Any]:
+    """Vessel model at voxel indices ``vox`` (M, 3): the voxels on the vessel, their class and layers.
+
+    Returns ``{"vox": (K, 3), "index": (K,) rows of ``vox`` they are, "cls": (K,) uint8 (1 lumen, 2
+    calcified, 3 non-calcified, 4 wall), "s": (K,) arc length, "t_plaque" / "hu_weighted": per plaque
+    type (K,)}`` for the K voxels inside the vessel.
+    """
+    dense, tangent, band_dense = fr["dense"], fr["tangent"], fr["band_dense"]
+    world = _apply_affine(fr["affine"], vox)
     dist, idx = cKDTree(dense).query(world, k=1, distance_upper_bound=float(band_dense.max()) + _DENSE_STEP_MM)
     keep = np.isfinite(dist)
+    rows = np.flatnonzero(keep)
     vox, world, idx = vox[keep], world[keep], idx[keep]
     vec = world - dense[idx]
     along = np.sum(vec * tangent[idx], axis=1)
-    s = s_dense[idx] + along
+    s = fr["s_dense"][idx] + along
     radial = vec - along[:, None] * tangent[idx]
     r = np.linalg.norm(radial, axis=1)
-    inside = (s >= 0.0) & (s <= length) & (r < band_dense[idx])
-    if arc_window is not None:
-        inside &= (s >= float(arc_window[0])) & (s <= float(arc_window[1]))
-    vox, idx, s, r, radial = vox[inside], idx[inside], s[inside], r[inside], radial[inside]
-    psi = np.arctan2(np.sum(radial * e2[idx], axis=1), np.sum(radial * e1[idx], axis=1))
+    inside = (s >= 0.0) & (s <= fr["length"]) & (r < band_dense[idx])
+    vox, idx, s, r, radial, rows = vox[inside], idx[inside], s[inside], r[inside], radial[inside], rows[inside]
+    psi = np.arctan2(np.sum(radial * fr["e2"][idx], axis=1), np.sum(radial * fr["e1"][idx], axis=1))
 
     # vessel model at (s, psi): nominal radius, plaque layers, lumen narrowing
     r0 = 0.5 * lumen_diameter_mm(params, s)
     t_plaque = {"calcified": np.zeros_like(s), "noncalcified": np.zeros_like(s)}
     hu_weighted = {"calcified": np.zeros_like(s), "noncalcified": np.zeros_like(s)}
     narrowing = np.zeros_like(s)
-    for p in plaques:
+    for p in fr["plaques"]:
         dpsi = np.remainder(psi - math.radians(p["angle_deg"]) + math.pi, 2.0 * math.pi) - math.pi
         t = p["thickness_mm"] * _bump((s - p["center_mm"]) / (0.5 * p["length_mm"])) * _bump(
             dpsi / math.radians(p["half_width_deg"])
@@ -742,13 +731,54 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True,
     inner = np.maximum(r0 - narrowing, _MIN_LUMEN_FRACTION * r0)
     nc_outer = inner + t_plaque["noncalcified"]
     ca_outer = nc_outer + t_plaque["calcified"]
-    wall_outer = ca_outer + lum["wall_thickness_mm"]
+    wall_outer = ca_outer + params["lumen"]["wall_thickness_mm"]
 
     cls = np.zeros(len(s), dtype=np.uint8)
     cls[r < wall_outer] = 4  # wall (not labelled)
     cls[r < ca_outer] = LABELS["calcified"]
     cls[r < nc_outer] = LABELS["noncalcified"]
     cls[r < inner] = LABELS["lumen"]
+    return {"vox": vox, "index": rows, "cls": cls, "s": s, "t_plaque": t_plaque, "hu_weighted": hu_weighted}
+
+
+def label_voxels(params: Mapping[str, Any], vox: np.ndarray) -> np.ndarray:
+    """Labels (M,) uint8 of a phantom at voxel indices ``vox`` (M, 3) of its grid, without rendering it.
+
+    Equal to ``render_phantom(params).label[vox[:, 0], vox[:, 1], vox[:, 2]]`` for voxels inside the
+    grid (the vessel model is evaluated at those voxel centres only); indices outside the grid give 0.
+    """
+    fr = _vessel_frame(params)
+    vox = np.asarray(vox, dtype=np.int64).reshape(-1, 3)
+    out = np.zeros(len(vox), dtype=np.uint8)
+    valid = np.all((vox >= 0) & (vox < np.asarray(fr["shape"])), axis=1)
+    uniq, inverse = np.unique(vox[valid], axis=0, return_inverse=True)
+    model = _vessel_classes(params, fr, uniq)
+    lab = np.zeros(len(uniq), dtype=np.uint8)
+    lab[model["index"]] = np.where(model["cls"] == 4, 0, model["cls"])
+    out[valid] = lab[inverse.reshape(-1)]
+    return out
+
+
+def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> PhantomCase:
+    """Render the volume, label map, affine and centreline of one phantom.
+
+    Args:
+        params: parameters from :func:`sample_phantom_params` (or loaded from its JSON file).
+        with_image: ``False`` skips the HU image (tissue, noise and blur) and returns an empty
+            ``image`` array; the label, affine and centreline are identical to a full render.
+
+    Returns:
+        :class:`PhantomCase` with ``image`` (X, Y, Z) int16 HU, ``label`` (X, Y, Z) uint8,
+        ``affine`` (4, 4) voxel -> world mm (RAS) and the 0.5 mm centreline (N, 3) world mm.
+    """
+    fr = _vessel_frame(params)
+    tis, img = params["tissue"], params["imaging"]
+    length, affine, shape, centerline = fr["length"], fr["affine"], fr["shape"], fr["centerline"]
+
+    # candidate voxels: union of index-space balls around coarse centreline points (a tube a little
+    # wider than the vessel), then the exact nearest dense point from a KD-tree query
+    model = _vessel_classes(params, fr, _tube_voxels(fr["dense"], fr["band_dense"], affine, shape))
+    vox, cls, s, t_plaque, hu_weighted = (model[k] for k in ("vox", "cls", "s", "t_plaque", "hu_weighted"))
     label = np.zeros(shape, dtype=np.uint8)
     vessel = cls != 0
     vi = vox[vessel]
@@ -758,7 +788,7 @@ def render_phantom(params: Mapping[str, Any], with_image: bool = True,
         return PhantomCase(np.zeros((0, 0, 0), np.int16), label, affine, centerline, copy.deepcopy(dict(params)))
 
     # tissue background from the (first-order) signed distance to the epicardial ellipsoid
-    hu = _tissue_hu(geo, tis, affine, shape)
+    hu = _tissue_hu(params["geometry"], tis, affine, shape)
 
     lumen_hu = tis["lumen_hu_ostium"] + (tis["lumen_hu_distal"] - tis["lumen_hu_ostium"]) * s / length
     values = np.full(len(s), np.nan)
