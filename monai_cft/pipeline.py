@@ -162,7 +162,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage(
             "ground_truth",
             [py, "-m", "monai_cft.data.ground_truth", "--raw", str(raw), "--scpr", str(scpr), "--split", "test",
-             "--seed", "0", "--workers", "1"],
+             "--seed", "0", "--workers", str(args.workers)],
             requires_module="monai_cft.data.ground_truth",
             description="ground-truth counterfactuals of the test split (evaluation only)",
             wave=2,

@@ -9,14 +9,16 @@ parameter (geometry, tissue, noise seed) unchanged, and render again.
 The edit, one scalar solved by bracketing and bisection on the label-only render:
 
 * **plaque** (``calcified_*``, ``noncalcified_*``): every plaque of that type in that third is
-  scaled by ``s``: thickness ``x s`` and length ``x sqrt(s)`` (centre fixed, capped so the plaque
-  stays 1 mm inside its third). Its remodelling fraction is kept, so ``1 - remodelling`` of the added
+  scaled by ``s``: thickness ``x s`` (at most ``_MAX_THICKNESS_MM``) and length ``x sqrt(s)`` (centre
+  fixed, capped so the plaque stays 1 mm inside its third), so a large target first thickens the
+  plaque, then lengthens it. Its remodelling fraction is kept, so ``1 - remodelling`` of the added
   (removed) thickness narrows (widens) the lumen *of that third*, as plaque growth does; the
   lumen elsewhere is untouched. A third without such a plaque gets one of the sampler's typical
   shape (the middle of each :class:`~monai_cft.data.phantom.PhantomConfig` range, centred in the
-  third) before scaling; a target of 0 removes the plaques. A plaque that the sCPR plane does not
-  cut (its angular extent lies off the plane) is turned about the vessel to the orientation that
-  shows it best.
+  third) before scaling; a target of 0 removes the plaques. When the target cannot be reached
+  because the sCPR plane shows too little of the plaque (its angular extent lies off the plane), the
+  plaque is turned about the vessel to the orientation the plane shows best, and if that is not
+  enough, also widened to the sampler's largest half-width (180 degrees).
 * **lumen** (``lumen_*``): the lumen calibre of that third is multiplied by ``f``
   (``lumen.calibre_scale``, with smooth transitions that end 1 mm inside the third).
 
@@ -24,7 +26,8 @@ A counterfactual is not unique: this is one physically valid answer among many (
 lengthen instead of thicken a plaque). The image changes only where the anatomy changes, plus the
 reach of the scanner's blur and blooming; label pixels outside the intervened third do not change.
 Targets are reached within ``max(tolerance * target, one pixel area)`` when the edit can reach
-them (``hit``); a plaque cannot be grown beyond ``_MAX_SCALE`` times its size.
+them (``hit``); a plaque is never thicker than ``_MAX_THICKNESS_MM`` (about the largest plaque the
+16 mm-wide sCPR can show next to a proximal lumen) nor longer than its third allows.
 
 ``python -m monai_cft.data.ground_truth --raw RAW --scpr SCPR [--split test] [--seed 0]`` renders the
 ground truth of the evaluation protocol (targets of :func:`monai_cft.metrics.uniform_targets`) for
@@ -52,6 +55,7 @@ from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, split_varia
 __all__ = ["ground_truth_counterfactual", "render_scpr", "ground_truth_dataset", "main"]
 
 _MAX_SCALE = 64.0
+_MAX_THICKNESS_MM = 4.0
 _MIN_CALIBRE, _MAX_CALIBRE = 0.15, 6.0
 _EDGE_MARGIN_MM = 1.0
 _MAX_ITER = 40
@@ -161,7 +165,7 @@ def _scaled(params: Mapping[str, Any], kind: str, region: str, s: float, turn: f
             q = dict(p)
             room = 2.0 * (min(q["center_mm"] - lo, hi - q["center_mm"]) - _EDGE_MARGIN_MM)
             q["length_mm"] = min(q["length_mm"] * math.sqrt(s), max(q["length_mm"], room))
-            q["thickness_mm"] = q["thickness_mm"] * s
+            q["thickness_mm"] = min(q["thickness_mm"] * s, max(q["thickness_mm"], _MAX_THICKNESS_MM))
             q["angle_deg"] = (q["angle_deg"] + turn + 180.0) % 360.0 - 180.0
             keep.append(q)
     out["plaques"] = keep
@@ -293,13 +297,27 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
         if not plaques:
             plaques = [_typical_plaque(current, struct, region)]
         base = current
-        turn = 0.0
-        if value(_scaled(base, struct, region, 1.0, 0.0, plaques), name) <= 0:  # the sCPR plane misses it
-            shown = [(value(_scaled(base, struct, region, 1.0, t, plaques), name), -i, t) for i, t in enumerate(_TURNS)]
-            turn = max(shown)[2]
-        s, _ = _solve(lambda s: value(_scaled(base, struct, region, s, turn, plaques), name), target, tol, 1.0, 0.0,
-                      _MAX_SCALE, power=1.5)
-        current = _scaled(base, struct, region, s, turn, plaques)
+        # the plaques as they are; if the sCPR plane misses them or cannot show enough of them even at
+        # the largest size, turned to the orientation the plane shows best; then also as wide as the
+        # sampler allows (half-width 180 degrees)
+        attempts = [plaques]
+        best: tuple[float, dict] | None = None
+        for k in range(3):
+            cand = attempts[-1]
+            s, m = _solve(lambda s: value(_scaled(base, struct, region, s, 0.0, cand), name), target, tol, 1.0, 0.0,
+                          _MAX_SCALE, power=1.5)
+            edited = _scaled(base, struct, region, s, 0.0, cand)
+            if best is None or abs(m - target) < best[0]:
+                best = (abs(m - target), edited)
+            if abs(m - target) <= tol or k == 2:
+                break
+            if k == 0:
+                shown = [(value(_scaled(base, struct, region, 1.0, t, cand), name), -i, t) for i, t in enumerate(_TURNS)]
+                turn = max(shown)[2]
+                attempts.append([dict(p, angle_deg=(p["angle_deg"] + turn + 180.0) % 360.0 - 180.0) for p in cand])
+            else:
+                attempts.append([dict(p, half_width_deg=180.0) for p in cand])
+        current = best[1]
 
     out = render_scpr(current, preset, with_image=True)
     measured = {n: float(v) for n, v in zip(names, out["variables"])}
