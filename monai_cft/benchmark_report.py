@@ -123,6 +123,12 @@ def measurements_section(eval_root: Path) -> tuple[list[str], dict | None]:
         parts.append(f"\nCalcium threshold {cal['threshold_hu']:.0f} HU ({cal.get('fitted_on', '')}); its area error "
                      "on the real test images (mm², mean absolute): "
                      + ", ".join(f"{r} {_num(v)}" for r, v in cal["test_mae_mm2"].items()) + ".\n")
+    ps = m.get("parent_sensitivity")
+    if ps:
+        parts.append("Parent sensitivity of the pretrained DSCM (before fine-tuning): response slope of the evaluation "
+                     "segmentor's change when each test case's latents are decoded with another case's parents "
+                     "(1: the image follows its parents, 0: it ignores them): "
+                     + ", ".join(f"{k} {_num(v)}" for k, v in ps["slopes"].items()) + ".\n")
     hu = m.get("rendered_hu")
     if hu:
         from monai_cft.data.fidelity import hu_table_markdown

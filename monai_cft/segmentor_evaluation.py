@@ -85,6 +85,33 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
     }
 
 
+def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Parent sensitivity of the pretrained DSCM (before any CFT) under the evaluation segmentor."""
+    from monai_cft.inference import hu_to_unit, load_segmentor
+    from monai_cft.metrics.response import parent_sensitivity
+    from monai_cft.networks.dscm import DeepSCM
+    from monai_cft.transforms.measures import measure_structures
+
+    config = data["config"]
+    scm = DeepSCM.from_checkpoint(dscm_path).eval()
+    seg = load_segmentor(segmentor_path, expect={"role": "eval"})
+    channels = list(dict(config["structures"]).values())
+    element = float(config["spacing"]) ** 2
+
+    def measure(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            probs = torch.softmax(seg(x).float(), 1)
+        return measure_structures(probs, data["region_masks"], channels, element).flatten(1)
+
+    images = hu_to_unit(data["images"], config["hu_window"])
+    torch.manual_seed(0)
+    slopes = parent_sensitivity(scm, measure, images, data["variables"].float(), list(config["variables"]))
+    return {"model": str(dscm_path), "slopes": slopes,
+            "description": "response slope of the evaluation segmentor's change on the parent change when each test "
+                           "case's latents are decoded with another case's parents (1: follows its parents, 0: "
+                           "ignores them)"}
+
+
 def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: str | Path,
                           roles: Sequence[str] = ("guidance", "eval"), split: str = "test",
                           raw_dir: str | Path | None = None) -> dict[str, Any]:
@@ -119,6 +146,9 @@ def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: st
         "test_mae_mm2": {config["regions"][r]: float(err[:, r].mean()) for r in range(k)},
         "test_bias_mm2": {config["regions"][r]: float((test_areas.double() - truth)[:, r].mean()) for r in range(k)},
     }
+    dscm_path = Path(ckpt_dir) / "dscm.pt"
+    if dscm_path.is_file():
+        result["parent_sensitivity"] = _parent_sensitivity(dscm_path, Path(ckpt_dir) / "segmentor_eval.pt", test)
     if raw_dir is not None and (Path(raw_dir) / "params").is_dir():
         from monai_cft.data.fidelity import rendered_hu
 
@@ -146,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = res["calcium_threshold"]
     print(f"calcium threshold {c['threshold_hu']:.0f} HU: test MAE " + ", ".join(
         f"{r} {v:.2f}" for r, v in c["test_mae_mm2"].items()) + " mm^2")
+    if "parent_sensitivity" in res:
+        print("pretrained DSCM parent sensitivity (slope under shuffled parents): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in res["parent_sensitivity"]["slopes"].items()))
     if "rendered_hu" in res:
         from monai_cft.data.fidelity import hu_table_markdown
 

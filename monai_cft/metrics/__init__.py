@@ -23,7 +23,7 @@ from .realism import (
     kernel_distance,
 )
 from .calcium import CalciumThreshold, calcium_areas
-from .response import gap_closure, response_slope
+from .response import gap_closure, parent_sensitivity, response_slope
 from .segmentation import dice_per_structure
 from .summary import summarize
 
@@ -35,6 +35,7 @@ __all__ = [
     "calcium_areas",
     "dice_per_structure",
     "response_slope",
+    "parent_sensitivity",
     "gap_closure",
     "counterfactual_targets",
     "run_counterfactual",
