@@ -55,7 +55,7 @@ __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
-QUICK_EPOCHS = {"segmentor": 20, "regressor": 20, "dscm": 25, "finetune": 15}
+QUICK_EPOCHS = {"segmentor": 16, "regressor": 20, "dscm": 25, "finetune": 15}
 #: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
 #: thousands at 1e-4 (the finetune.json default).
 QUICK_FINETUNE_LR = 1e-3
