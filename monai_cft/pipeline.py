@@ -192,7 +192,8 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         stages.append(
             Stage(
                 f"evaluate_{mode}",
-                _bundle_cmd(py, bundle, "evaluating", ["common.json", "evaluate.json"], cft_mode=mode, **common),
+                _bundle_cmd(py, bundle, "evaluating", ["common.json", "evaluate.json"], cft_mode=mode,
+                            allow_extrapolation=True, **common),
                 requires_module="monai_cft.evaluation",
                 description=f"evaluation of mode {mode}",
                 wave=4,

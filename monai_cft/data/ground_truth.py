@@ -10,7 +10,8 @@ The edit, one scalar solved by bracketing and bisection on the label-only render
 
 * **plaque** (``calcified_*``, ``noncalcified_*``): every plaque of that type in that third is
   scaled by ``s``: thickness ``x s`` (at most ``_MAX_THICKNESS_MM``) and length ``x sqrt(s)`` (centre
-  fixed, capped so the plaque stays 1 mm inside its third), so a large target first thickens the
+  fixed, capped so the plaque stays 3 mm inside its third, beyond the blur and the segmentors'
+  context), so a large target first thickens the
   plaque, then lengthens it. Its remodelling fraction is kept, so ``1 - remodelling`` of the added
   (removed) thickness narrows (widens) the lumen *of that third*, as plaque growth does; the
   lumen elsewhere is untouched. A third without such a plaque gets one of the sampler's typical
@@ -57,7 +58,7 @@ __all__ = ["ground_truth_counterfactual", "render_scpr", "ground_truth_dataset",
 _MAX_SCALE = 64.0
 _MAX_THICKNESS_MM = 4.0
 _MIN_CALIBRE, _MAX_CALIBRE = 0.15, 6.0
-_EDGE_MARGIN_MM = 1.0
+_EDGE_MARGIN_MM = 3.0
 _MAX_ITER = 40
 #: plaque orientations tried (degrees, relative to its own) when the sCPR plane does not cut it.
 _TURNS = (0.0, 45.0, -45.0, 90.0, -90.0, 135.0, -135.0, 180.0)
