@@ -437,7 +437,9 @@ class HierarchicalVAE(nn.Module):
             regions = torch.ones(shape) if parent_regions is None else torch.as_tensor(parent_regions).float().as_subclass(torch.Tensor)
             if tuple(regions.shape) != shape:
                 raise ValueError(f"parent_regions must have shape {shape}, got {tuple(regions.shape)}.")
-            if not torch.isfinite(regions).all() or regions.min() < 0 or regions.max() > 1:
+            if regions.device.type != "meta" and (
+                not torch.isfinite(regions).all() or regions.min() < 0 or regions.max() > 1
+            ):
                 raise ValueError("parent_regions must be finite masks with values in [0, 1].")
             self.register_buffer("parent_regions", regions)
         elif parent_regions is not None:

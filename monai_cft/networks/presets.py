@@ -1,8 +1,13 @@
 """Named hyper-parameter sets for the hierarchical VAE.
 
 * ``quick``: sized for a CPU quick-start at 32 x 192 (the ``quick`` sCPR preset): narrow levels,
-  no block at full resolution (only the stem and output convolutions), one or two blocks per
-  coarser level and latents only at 8 x 48 and coarser.
+  one block per level at the two finest resolutions (so the decoder can draw plaques), one or two
+  blocks per coarser level and latents only at 8 x 48 and coarser.
+
+Both presets use a parent-free prior path (``cond_prior=False``: a latent that encodes what the
+parents already say costs KL, so the decoder learns to take it from the parents) and spatial parent
+maps (``spatial_parents=True``: each regional variable modulates the decoder inside its region).
+docs/experiments.md has the runs behind these choices.
 * ``paper``: a GPU-sized network for 64 x 384 (the ``paper`` sCPR preset): wider, deeper, latents
   from 16 x 96 down.
 
@@ -27,12 +32,13 @@ __all__ = ["HVAE_PRESETS", "build_hvae", "match_preset"]
 HVAE_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "widths": (8, 16, 32, 64, 64, 64),
-        "blocks_per_level": (0, 1, 1, 2, 2, 1),
+        "blocks_per_level": (1, 1, 1, 2, 2, 1),
         "z_dim": 8,
         "z_max_res": 48,
         "bottleneck": 0.5,
         "embed_dim": 32,
-        "cond_prior": True,
+        "cond_prior": False,
+        "spatial_parents": True,
     },
     "paper": {
         "widths": (32, 64, 96, 128, 192, 256, 256),
@@ -41,7 +47,8 @@ HVAE_PRESETS: dict[str, dict[str, Any]] = {
         "z_max_res": 96,
         "bottleneck": 0.5,
         "embed_dim": 64,
-        "cond_prior": True,
+        "cond_prior": False,
+        "spatial_parents": True,
     },
 }
 
