@@ -115,6 +115,7 @@ def publish(output_dir: str | os.PathLike, repo_root: str | os.PathLike) -> list
     report = out / "report.md"
     if not report.is_file():
         raise FileNotFoundError(f"{report} does not exist: run the report stage first.")
+    commit = _commit(repo)  # before any file of the repository is written
     docs = repo / "docs"
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def publish(output_dir: str | os.PathLike, repo_root: str | os.PathLike) -> list
             shutil.copyfile(src, figures / src.name)
             text = text.replace(f"]({m})", f"](figures/{src.name})")
     header = (f"<!-- written by monai_cft.publish from {out}; do not edit by hand -->\n\n"
-              f"_Run of commit {_commit(repo)} on {platform.node() or 'this machine'} "
+              f"_Run of commit {commit} on {platform.node() or 'this machine'} "
               f"({os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}), finished "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}._\n\n")
     written = [docs / "results.md"]
@@ -145,7 +146,7 @@ def publish(output_dir: str | os.PathLike, repo_root: str | os.PathLike) -> list
         from monai_cft.data.fidelity import hu_table_markdown
 
         hu = measurements["rendered_hu"]
-        body = (f"Measured on {hu['n_cases']} {hu['split']} cases of the run of commit {_commit(repo)}:\n\n"
+        body = (f"Measured on {hu['n_cases']} {hu['split']} cases of the run of commit {commit}:\n\n"
                 + hu_table_markdown(hu))
         _write(data_md, replace_block(data_md.read_text(), "rendered-hu", body))
         written.append(data_md)
