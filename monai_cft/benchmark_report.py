@@ -19,16 +19,19 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-__all__ = ["validity_section", "measurements_section", "VALIDITY_LIMITS"]
+__all__ = ["validity_section", "measurements_section", "format_number", "VALIDITY_LIMITS"]
 
 #: acceptance of a benchmark that can see a correct counterfactual: GT error / identity error.
 VALIDITY_LIMITS = {"intervened": 0.35, "other": 1.1}
 
 
-def _num(x: float | None, digits: int = 2) -> str:
+def format_number(x: float | None, digits: int = 2) -> str:
+    """A number for a table cell with ``digits`` decimals; ``n/a`` for None or NaN."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+_num = format_number
 
 
 def _cell_means(path: Path) -> dict[tuple[str, str], float]:
@@ -137,8 +140,3 @@ def measurements_section(eval_root: Path) -> tuple[list[str], dict | None]:
                      "blur, blooming and noise) against real contrast CCTA:\n")
         parts.append(hu_table_markdown(hu))
     return parts, m
-
-
-def load_json(path: Path) -> Any:
-    """JSON of ``path`` or ``None`` when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -22,7 +22,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+
+from monai_cft.benchmark_report import format_number as _num
+from monai_cft.data.io import atomic_path
 
 __all__ = ["publish", "replace_block"]
 
@@ -43,9 +45,8 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _commit(repo: Path) -> str:
@@ -57,10 +58,6 @@ def _commit(repo: Path) -> str:
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
-
-
-def _num(x: Any, digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _headline(summary: dict, measurements: dict | None, stage_seconds: float) -> str:

@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai_cft.benchmark_report import format_number as _num
 from monai_cft.benchmark_report import measurements_section, validity_section
 
 from monai_cft.metrics.response import gap_closure
@@ -212,13 +213,6 @@ def _fmt(st: dict | float | None, digits: int = 2) -> str:
     if isinstance(st, (int, float)):
         return f"{st:.{digits}f}"
     return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
-
-
-def _num(x: float | None, digits: int = 2) -> str:
-    """A number for a table cell; ``n/a`` for None or NaN."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
 
 
 def _finite(values) -> list[float]:

@@ -155,9 +155,13 @@ def _typical_plaque(params: Mapping[str, Any], kind: str, region: str) -> dict[s
     }
 
 
-def _scaled(params: Mapping[str, Any], kind: str, region: str, s: float, turn: float,
-            base: Sequence[dict]) -> dict[str, Any]:
-    """Params with the plaques ``base`` (of ``kind`` in ``region``) scaled by ``s`` and turned by ``turn``."""
+def _turned(plaques: Sequence[dict], degrees: float) -> list[dict]:
+    """The plaques turned about the vessel by ``degrees`` (angles kept in [-180, 180))."""
+    return [dict(p, angle_deg=(p["angle_deg"] + degrees + 180.0) % 360.0 - 180.0) for p in plaques]
+
+
+def _scaled(params: Mapping[str, Any], kind: str, region: str, s: float, base: Sequence[dict]) -> dict[str, Any]:
+    """Params with the plaques ``base`` (of ``kind`` in ``region``) scaled by ``s`` (0 removes them)."""
     out = copy.deepcopy(dict(params))
     lo, hi = _third(params, region)
     keep = [p for p in out.get("plaques", []) if not (p["type"] == kind and p["region"] == region)]
@@ -167,7 +171,6 @@ def _scaled(params: Mapping[str, Any], kind: str, region: str, s: float, turn: f
             room = 2.0 * (min(q["center_mm"] - lo, hi - q["center_mm"]) - _EDGE_MARGIN_MM)
             q["length_mm"] = min(q["length_mm"] * math.sqrt(s), max(q["length_mm"], room))
             q["thickness_mm"] = min(q["thickness_mm"] * s, max(q["thickness_mm"], _MAX_THICKNESS_MM))
-            q["angle_deg"] = (q["angle_deg"] + turn + 180.0) % 360.0 - 180.0
             keep.append(q)
     out["plaques"] = keep
     return out
@@ -280,20 +283,17 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
         target = float(target)
         meter = _RegionMeter(current, preset, name)
 
-        def value(p: Mapping[str, Any], _name: str) -> float:
-            return meter(p)
-
         struct, region = split_variable_name(name, list(DEFAULT_STRUCTURES), list(DEFAULT_REGIONS))
         tol = max(tolerance * target, pixel_area)
         if struct == "lumen":
             base = current
-            f, _ = _solve(lambda f: value(_calibre(base, region, f), name), target, tol, 1.0, _MIN_CALIBRE,
+            f, _ = _solve(lambda f: meter(_calibre(base, region, f)), target, tol, 1.0, _MIN_CALIBRE,
                           _MAX_CALIBRE, power=1.0)
             current = _calibre(base, region, f)
             continue
         plaques = [p for p in current.get("plaques", []) if p["type"] == struct and p["region"] == region]
         if target <= 0:
-            current = _scaled(current, struct, region, 0.0, 0.0, plaques)
+            current = _scaled(current, struct, region, 0.0, plaques)
             continue
         if not plaques:
             plaques = [_typical_plaque(current, struct, region)]
@@ -305,17 +305,16 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
         best: tuple[float, dict] | None = None
         for k in range(3):
             cand = attempts[-1]
-            s, m = _solve(lambda s: value(_scaled(base, struct, region, s, 0.0, cand), name), target, tol, 1.0, 0.0,
+            s, m = _solve(lambda s: meter(_scaled(base, struct, region, s, cand)), target, tol, 1.0, 0.0,
                           _MAX_SCALE, power=1.5)
-            edited = _scaled(base, struct, region, s, 0.0, cand)
+            edited = _scaled(base, struct, region, s, cand)
             if best is None or abs(m - target) < best[0]:
                 best = (abs(m - target), edited)
             if abs(m - target) <= tol or k == 2:
                 break
             if k == 0:
-                shown = [(value(_scaled(base, struct, region, 1.0, t, cand), name), -i, t) for i, t in enumerate(_TURNS)]
-                turn = max(shown)[2]
-                attempts.append([dict(p, angle_deg=(p["angle_deg"] + turn + 180.0) % 360.0 - 180.0) for p in cand])
+                shown = [(meter(_scaled(base, struct, region, 1.0, _turned(cand, t))), -i, t) for i, t in enumerate(_TURNS)]
+                attempts.append(_turned(cand, max(shown)[2]))
             else:
                 attempts.append([dict(p, half_width_deg=180.0) for p in cand])
         current = best[1]
