@@ -46,6 +46,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,9 +321,12 @@ def _last_line(path: Path) -> str:
 def _finish(out: Path, stage: Stage, seconds: float, upstream: dict[str, str] | None = None) -> None:
     marker = _stage_marker(out, stage.name)
     tmp = marker.with_suffix(".tmp")
+    # the completion id makes every marker unique, so a dependant's fingerprint of it changes with
+    # each completion even when two runs finish within the same second with the same duration
     tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
                                "upstream": dict(upstream or {}),
-                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "completion": uuid.uuid4().hex}, indent=2))
     os.replace(tmp, marker)
     _forced_marker(out, stage.name).unlink(missing_ok=True)
 
