@@ -36,6 +36,7 @@ import torch
 from monai_cft.data.presets import HU_WINDOW
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import summarize
+from monai_cft.transforms.regions import context_pixels
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
 
 __all__ = [
@@ -103,9 +104,10 @@ def segmentor_features(segmentor: torch.nn.Module):
 
 
 def _measure(segmentor: torch.nn.Module, images: torch.Tensor, region_masks: torch.Tensor,
-             channels: Sequence[int], element_size: float) -> torch.Tensor:
+             channels: Sequence[int], element_size: float, context: int | None = None) -> torch.Tensor:
     """(B, S*K) areas measured by ``segmentor`` on ``images`` (structure-major), on the CPU."""
-    return measure_with_segmentor(segmentor, images, region_masks, channels, element_size).flatten(1).float().cpu()
+    return measure_with_segmentor(segmentor, images, region_masks, channels, element_size,
+                                  context=context).flatten(1).float().cpu()
 
 
 def _stats(values) -> dict:
@@ -209,6 +211,7 @@ def evaluate_counterfactuals(
     calcium_threshold_hu: float | None = None,
     include_identity_rows: bool = False,
     include_ground_truth_rows: bool = False,
+    segmentor_context: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Run every metric of the evaluation on one model.
 
@@ -238,6 +241,11 @@ def evaluate_counterfactuals(
             the factual image taken as the counterfactual).
         include_ground_truth_rows: also return the rows of the ground truth (``mode="ground_truth"``),
             when ``ground_truth`` is given.
+        segmentor_context: ``None``: the segmentor sees whole images; an integer: every region is
+            measured on its own window with this many pixels of context
+            (:func:`monai_cft.metrics.effectiveness.segmentor_probabilities`), so that a change in one
+            region cannot move another region's measurement (the evaluation segmentor is trained on
+            such windows; its checkpoint meta records ``region_context_mm``).
 
     Returns:
         ``(rows, metrics)``: one dict per case x intervention x measured variable (the columns of
@@ -302,7 +310,7 @@ def evaluate_counterfactuals(
     for start in iterator:
         sl = slice(start, min(start + batch_size, n))
         x, pa = images[sl], variables[sl].to(device)
-        meas_f[sl] = _measure(segmentor, x, region_masks, channels, element_size)
+        meas_f[sl] = _measure(segmentor, x, region_masks, channels, element_size, segmentor_context)
         x_hu = unit_to_hu(x.clamp(-1.0, 1.0), hu_window)
         if thr is not None:
             thr_f[sl] = calcium_areas(x_hu, region_masks, thr, element_size).cpu()
@@ -314,13 +322,13 @@ def evaluate_counterfactuals(
                 out = scm.counterfactual(x, pa, {vname: t}, **cf_kwargs)
             x_cf, pa_cf = out["x_cf"], out["parents_cf"].float()
             parents_cf[sl, vi] = pa_cf.cpu()
-            meas_cf[sl, vi] = _measure(segmentor, x_cf, region_masks, channels, element_size)
+            meas_cf[sl, vi] = _measure(segmentor, x_cf, region_masks, channels, element_size, segmentor_context)
             cf_hu = unit_to_hu(x_cf.clamp(-1.0, 1.0), hu_window)
             if thr is not None:
                 thr_cf[sl, vi] = calcium_areas(cf_hu, region_masks, thr, element_size).cpu()
             if gt is not None:
                 g = hu_to_unit(gt["images"][sl, vi].unsqueeze(1).to(device), hu_window)
-                meas_gt[sl, vi] = _measure(segmentor, g, region_masks, channels, element_size)
+                meas_gt[sl, vi] = _measure(segmentor, g, region_masks, channels, element_size, segmentor_context)
                 g_hu = unit_to_hu(g, hu_window)  # the ground truth clipped to the window, as a model can produce it
                 r_in = inside[vi % k]
                 l1[sl, vi, 0] = _masked_l1(cf_hu, g_hu, r_in)
@@ -352,6 +360,7 @@ def evaluate_counterfactuals(
         "mode": mode,
         "n_cases": n,
         "seed": seed,
+        "segmentor_context_px": segmentor_context,
         "variables": list(names),
         "structures": struct_names,
         "regions": list(regions),
@@ -602,6 +611,7 @@ class CounterfactualEvaluation:
         structures = dict(cfg["structures"])
         ground_truth = self._ground_truth(data["ids"], cfg["variables"])
         threshold = self._calcium_threshold()
+        context = context_pixels(seg_meta.get("region_context_mm"), cfg["spacing"])
         rows, metrics = evaluate_counterfactuals(
             scm, seg, data["images"], data["variables"], data["region_masks"],
             names=cfg["variables"], structures=structures, regions=cfg["regions"], ranges=cfg["ranges"],
@@ -609,7 +619,7 @@ class CounterfactualEvaluation:
             feature_fn=segmentor_features(seg), noise_temperature=self.noise_temperature,
             allow_extrapolation=self.allow_extrapolation, mode=self.cft_mode,
             ground_truth=ground_truth, hu_window=cfg.get("hu_window", HU_WINDOW), calcium_threshold_hu=threshold,
-            include_identity_rows=True, include_ground_truth_rows=True,
+            include_identity_rows=True, include_ground_truth_rows=True, segmentor_context=context,
         )
         metrics.update({"preset": meta.get("preset"), "segmentor": seg_meta.get("arch", "?"),
                         "dscm_checkpoint": str(self.dscm_checkpoint), "split": self.split,
@@ -626,15 +636,16 @@ class CounterfactualEvaluation:
             if ref in by_mode:
                 _write_csv_atomic(self.out_dir.parent / ref / "effectiveness.csv", by_mode[ref])
         _write_json_atomic(self.out_dir / "metrics.json", metrics)
-        self._figure(scm, seg, data, cfg)
+        self._figure(scm, seg, data, cfg, context)
         write_table1(self.out_dir.parent, ("none", "reg", "seg", "pos_seg"), list(structures), cfg["regions"],
                      self.out_dir / "table1.md")
         print(f"evaluation of mode {self.cft_mode} on {len(data['ids'])} {self.split} cases written to {self.out_dir} "
               f"in {time.time() - t0:.1f} s")
         return metrics
 
-    def _figure(self, scm, seg, data, cfg) -> None:
+    def _figure(self, scm, seg, data, cfg, context: int | None) -> None:
         from monai_cft.visualize import save_fig1
 
         save_fig1(scm, seg, data, cfg, delta=self.figure_delta, mode=self.cft_mode,
-                  path=self.out_dir / f"fig1_{self.cft_mode}.png", noise_temperature=self.noise_temperature)
+                  path=self.out_dir / f"fig1_{self.cft_mode}.png", noise_temperature=self.noise_temperature,
+                  segmentor_context=context)

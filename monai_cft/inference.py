@@ -45,6 +45,7 @@ from torch import nn
 from monai_cft.data.presets import HU_WINDOW
 from monai_cft.engines.common import as_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
+from monai_cft.networks.loading import load_regressor, load_segmentor
 
 __all__ = [
     "parse_intervention",
@@ -135,54 +136,6 @@ def parse_intervention(
             warnings.warn(msg + "; extrapolating.", stacklevel=2)
         targets[name] = target
     return targets
-
-
-def _load_network(path: str | os.PathLike, kind: str, expect: Mapping[str, Any] | None, build: Callable,
-                  return_meta: bool = False) -> nn.Module | tuple[nn.Module, dict]:
-    from monai_cft.utils.checkpoint import load_checkpoint
-
-    payload = load_checkpoint(path, expect={"kind": kind, **dict(expect or {})})
-    net = build(payload["meta"])
-    net.load_state_dict(payload["model"])
-    return (net.eval(), payload["meta"]) if return_meta else net.eval()
-
-
-def load_segmentor(path: str | os.PathLike, expect: Mapping[str, Any] | None = None,
-                   return_meta: bool = False) -> nn.Module | tuple[nn.Module, dict]:
-    """Rebuild a segmentor saved by the bundle (``train_segmentor.json``) from its checkpoint meta, in eval mode.
-
-    Args:
-        path: ``segmentor_guidance.pt`` / ``segmentor_eval.pt``.
-        expect: meta values to check (e.g. ``{"preset": "quick", "role": "guidance"}``); ``kind`` is
-            always checked to be ``"segmentor"``.
-        return_meta: also return the checkpoint's meta (one read of the file).
-    """
-    from monai_cft.networks.predictors import build_segmentor
-
-    def build(meta):
-        return build_segmentor(
-            spatial_dims=int(meta["spatial_dims"]),
-            arch=meta["arch"],
-            in_channels=int(meta.get("in_channels", 1)),
-            out_channels=int(meta["out_channels"]),
-            img_size=meta.get("img_size"),
-        )
-
-    return _load_network(path, "segmentor", expect, build, return_meta)
-
-
-def load_regressor(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> nn.Module:
-    """Rebuild the parent regressor saved by the bundle (``train_regressor.json``), in eval mode."""
-    from monai_cft.networks.predictors import ParentRegressor
-
-    def build(meta):
-        return ParentRegressor(
-            spatial_dims=int(meta["spatial_dims"]),
-            in_channels=int(meta.get("in_channels", 1)),
-            num_outputs=int(meta["num_outputs"]),
-        )
-
-    return _load_network(path, "regressor", expect, build)
 
 
 def _as_plain(x: Any) -> torch.Tensor:

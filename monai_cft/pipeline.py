@@ -56,7 +56,7 @@ __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
-QUICK_EPOCHS = {"segmentor": 16, "regressor": 20, "dscm": 25, "finetune": 15}
+QUICK_EPOCHS = {"segmentor": 16, "segmentor_eval": 40, "regressor": 20, "dscm": 25, "finetune": 15}
 #: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
 #: thousands at 1e-4 (the finetune.json default).
 QUICK_FINETUNE_LR = 1e-3
@@ -148,7 +148,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage(
             "segmentor_eval",
             _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
-                        segmentor_role="eval", **common, **ep("segmentor")),
+                        segmentor_role="eval", **common, **ep("segmentor_eval")),
             requires_module="monai_cft.networks.predictors",
             description="evaluation segmentor (SegResNet, other seed)",
             wave=2,
@@ -447,7 +447,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=str(root / "outputs"), help="models, logs, evaluation and report.md")
     p.add_argument("--bundle-dir", default=str(root / "bundle"))
     p.add_argument("--epochs", default=json.dumps(QUICK_EPOCHS),
-                   help="JSON dict of max_epochs per stage kind (segmentor, regressor, dscm, finetune); the default "
+                   help="JSON dict of max_epochs per stage kind (segmentor, segmentor_eval, regressor, dscm, finetune); the default "
                         "is the CPU schedule of the quick preset, '{}' keeps the bundle configs' own values")
     p.add_argument("--finetune-lr", type=float, default=QUICK_FINETUNE_LR,
                    help="learning rate of the CFT stages (0 keeps finetune.json's own value)")

@@ -26,7 +26,9 @@ import torch
 
 from monai_cft.data.io import save_json
 from monai_cft.metrics.calcium import CalciumThreshold, calcium_areas
+from monai_cft.metrics.effectiveness import segmentor_probabilities
 from monai_cft.metrics.segmentation import dice_per_structure
+from monai_cft.transforms.regions import context_pixels
 
 __all__ = ["load_split_arrays", "evaluate_segmentor", "evaluate_measurements", "main"]
 
@@ -59,8 +61,13 @@ def load_split_arrays(dataset_dir: str | Path, split: str, max_cases: int | None
     }
 
 
-def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_size: int = 32) -> dict[str, Any]:
-    """Dice per structure and area error per variable of one segmentor on loaded split arrays."""
+def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_size: int = 32,
+                       context: int | None = None) -> dict[str, Any]:
+    """Dice per structure and area error per variable of one segmentor on loaded split arrays.
+
+    ``context``: as the segmentor measures (None: whole images; an integer: each region on its own
+    window with that many pixels of context, see :func:`~monai_cft.metrics.effectiveness.segmentor_probabilities`).
+    """
     from monai_cft.inference import hu_to_unit
     from monai_cft.transforms.measures import measure_structures
 
@@ -73,7 +80,7 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
     with torch.no_grad():
         for start in range(0, len(data["images"]), batch_size):
             x = hu_to_unit(data["images"][start : start + batch_size], (lo, hi))
-            probs = torch.softmax(segmentor(x.to(next(segmentor.parameters()).device)).float().cpu(), 1)
+            probs = segmentor_probabilities(segmentor, x, data["region_masks"], context).cpu()
             preds.append(probs.argmax(1, keepdim=True).to(torch.uint8))
             areas.append(measure_structures(probs, data["region_masks"], list(structures.values()), element).flatten(1))
     pred = torch.cat(preds)
@@ -93,13 +100,14 @@ def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, A
 
     config = data["config"]
     scm = DeepSCM.from_checkpoint(dscm_path).eval()
-    seg = load_segmentor(segmentor_path, expect={"role": "eval"})
+    seg, meta = load_segmentor(segmentor_path, expect={"role": "eval"}, return_meta=True)
+    context = context_pixels(meta.get("region_context_mm"), config["spacing"])
     channels = list(dict(config["structures"]).values())
     element = float(config["spacing"]) ** 2
 
     def measure(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            probs = torch.softmax(seg(x).float(), 1)
+            probs = segmentor_probabilities(seg, x, data["region_masks"], context)
         return measure_structures(probs, data["region_masks"], channels, element).flatten(1)
 
     images = hu_to_unit(data["images"], config["hu_window"])
@@ -129,7 +137,9 @@ def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: st
     for role in roles:
         path = Path(ckpt_dir) / f"segmentor_{role}.pt"
         seg, meta = load_segmentor(path, expect={"role": role}, return_meta=True)
-        result["segmentors"][role] = {"arch": meta.get("arch"), **evaluate_segmentor(seg, test)}
+        context = context_pixels(meta.get("region_context_mm"), config["spacing"])
+        result["segmentors"][role] = {"arch": meta.get("arch"), "region_context_mm": meta.get("region_context_mm"),
+                                      **evaluate_segmentor(seg, test, context=context)}
     calcium_channel = list(config["structures"]).index("calcified")
     k = len(config["regions"])
     element = float(config["spacing"]) ** 2

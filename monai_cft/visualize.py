@@ -149,6 +149,7 @@ def save_fig1(
     structure: str = "calcified",
     case_index: int | None = None,
     dpi: int = 150,
+    segmentor_context: int | None = None,
 ) -> Path:
     """Fig. 1 of the positional paper: ``do(<structure>_<region> += delta)`` for every region of one case.
 
@@ -172,6 +173,8 @@ def save_fig1(
         structure: the intervened structure.
         case_index: which case to show (default: the first whose targets are all in range).
         dpi: resolution.
+        segmentor_context: the segmentor measures each region on its own window with this many pixels
+            of context (``None``: on the whole image), as in the evaluation.
 
     Returns:
         the written path.
@@ -208,7 +211,8 @@ def save_fig1(
                 x, pa, {names[col]: target}, noise_temperature=1.0 if noise_temperature is None else noise_temperature,
                 allow_extrapolation=True,
             )
-        measured = measure_with_segmentor(segmentor, out["x_cf"], masks, [channel], data.get("element_size", 1.0))
+        measured = measure_with_segmentor(segmentor, out["x_cf"], masks, [channel], data.get("element_size", 1.0),
+                                          context=segmentor_context)
         k = regions.index(region)
         rows.append((region, target, float(measured[0, 0, k]), hu(out["x_cf"][0, 0]).cpu().numpy()))
     factual = hu(x[0, 0]).cpu().numpy()

@@ -130,14 +130,18 @@ def test_modes_and_guidance_checks(world):
     assert check_cft_mode("pos_seg") == "pos_seg"
     with pytest.raises(ValueError, match=r"'posseg'.*\['none', 'reg', 'seg', 'pos_seg'\]"):
         trainer_for(world, "posseg", seg_loss())
-    with pytest.raises(ValueError, match="1 region"):
-        trainer_for(world, "seg", seg_loss(masks=True))
-    with pytest.raises(ValueError, match="3 region"):
-        trainer_for(world, "pos_seg", seg_loss(masks=False))
-    with pytest.raises(TypeError, match="RegressorGuidanceLoss"):
-        trainer_for(world, "reg", seg_loss())
+    # the trainer checks that the injected loss fits the DSCM's variables, not which mode it is
+    two_masks = SegmentorGuidanceLoss(BandSegmentor(), {"band": 1}, region_masks()[:2], softmax=False)
+    with pytest.raises(ValueError, match="measures 2 regions"):
+        trainer_for(world, "pos_seg", two_masks)
+    with pytest.raises(ValueError, match="predicts 4 parents but the DSCM has 3"):
+        trainer_for(world, "reg", RegressorGuidanceLoss(nn.Linear(2, 8), num_outputs=4))
+    with pytest.raises(TypeError, match="from_parents"):
+        trainer_for(world, "reg", nn.L1Loss())
     with pytest.raises(ValueError, match="needs a guidance loss"):
         CFTTrainer("cpu", 1, loader_of(world["train"]), copy.deepcopy(world["dscm"]), "seg", None)
+    with pytest.raises(ValueError, match="needs no guidance loss"):
+        CFTTrainer("cpu", 1, loader_of(world["train"]), copy.deepcopy(world["dscm"]), "none", seg_loss())
     dscm = copy.deepcopy(world["dscm"])
     bad_opt = torch.optim.AdamW(dscm.parameters(), lr=1e-4)  # would train the flows too
     with pytest.raises(ValueError, match="exactly the HVAE"):

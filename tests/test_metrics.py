@@ -450,3 +450,39 @@ def test_feature_extractor_and_distance_metric():
     assert res["kid"].item() == pytest.approx(kid.item()) and res["kid_std"].item() == pytest.approx(kid_std.item())
     with pytest.raises(ValueError, match="feature dimensions"):
         metric(fake[:, :4], real)
+
+
+class _GlobalContextSegmentor(torch.nn.Module):
+    """Class 1 where a pixel exceeds the image's mean: every output pixel depends on the whole input."""
+
+    def forward(self, x):
+        fg = torch.sigmoid(20.0 * (x - x.mean(dim=(-1, -2), keepdim=True)))
+        return torch.log(torch.cat([1.0 - fg, fg], 1).clamp_min(1e-6))
+
+
+def test_region_by_region_measurement_is_local():
+    from monai_cft.metrics.effectiveness import segmentor_probabilities
+
+    masks = _region_masks(8, 48)  # thirds of 16 columns
+    x = torch.zeros(2, 1, 8, 48)
+    x[:, :, 2:4, 4:10] = 1.0  # a bright structure in the proximal third
+    x_cf = x.clone()
+    x_cf[:, :, :, 36:40] = 5.0  # a large change in the distal third only
+    seg = _GlobalContextSegmentor()
+    whole = measure_with_segmentor(seg, x, masks, [1], 1.0)
+    whole_cf = measure_with_segmentor(seg, x_cf, masks, [1], 1.0)
+    assert not torch.allclose(whole[..., 0], whole_cf[..., 0])  # the whole-image measure leaks
+    local = measure_with_segmentor(seg, x, masks, [1], 1.0, context=2)
+    local_cf = measure_with_segmentor(seg, x_cf, masks, [1], 1.0, context=2)
+    torch.testing.assert_close(local[..., :2], local_cf[..., :2])  # proximal and mid untouched
+    assert abs(float(local_cf[0, 0, 2]) - float(local[0, 0, 2])) > 10.0  # the distal change is measured
+    # a pixel-wise segmentor measures the same on windows as on the whole image
+    pix = IntensitySegmentor()
+    img = _label_image(3)[None]
+    m6 = _region_masks(6, 24)
+    torch.testing.assert_close(measure_with_segmentor(pix, img, m6, [1, 2, 3], 0.25, context=1),
+                               measure_with_segmentor(pix, img, m6, [1, 2, 3], 0.25), atol=1e-5, rtol=0)
+    p = segmentor_probabilities(pix, img, m6, context=1)
+    torch.testing.assert_close(p.sum(1), torch.ones(1, 6, 24))
+    with pytest.raises(ValueError, match="shared"):
+        measure_with_segmentor(pix, img, m6[None], [1], 0.25, context=1)

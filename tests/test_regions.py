@@ -168,3 +168,24 @@ def test_dict_version_and_geometry_kept():
     assert two["r1"].shape == (2, 4, 6) and two["r2"].shape == (2, 3, 3, 8)
     with pytest.raises(ValueError, match="own output key"):
         RegionMasksd(keys=("image", "other"), output_key="regions")
+
+
+def test_region_windows_cover_each_region_with_context():
+    from monai_cft.transforms.regions import context_pixels, region_window_shape, region_windows
+
+    masks = RegionMasks()(torch.zeros(1, 32, 192))  # thirds of 64 columns
+    wins = region_windows(masks, context=4)
+    assert [(w[0].start, w[0].stop) for w in wins] == [(0, 32)] * 3  # 32 + 8 capped at the image height
+    assert [(w[1].start, w[1].stop) for w in wins] == [(0, 72), (60, 132), (120, 192)]
+    assert region_window_shape(masks, 4) == [32, 72] and region_window_shape(masks, None) == [32, 192]
+    for k, w in enumerate(wins):  # every window holds its whole region
+        assert masks[k][w].sum() == masks[k].sum()
+    assert [w[1].stop - w[1].start for w in region_windows(masks, context=5)] == [80] * 3  # multiple of 8
+    assert [w[1].stop - w[1].start for w in region_windows(masks, context=100)] == [192] * 3  # capped
+    assert context_pixels(2.0, 0.5) == 4 and context_pixels(None, 0.5) is None
+    with pytest.raises(ValueError, match="context"):
+        region_windows(masks, context=-1)
+    with pytest.raises(ValueError, match="region 1 .* empty"):
+        region_windows(torch.stack([masks[0], torch.zeros_like(masks[0])]), context=2)
+    with pytest.raises(ValueError, match="spacing"):
+        context_pixels(2.0, 0.0)

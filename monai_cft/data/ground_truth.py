@@ -16,7 +16,10 @@ The edit, one scalar solved by bracketing and bisection on the label-only render
   (removed) thickness narrows (widens) the lumen *of that third*, as plaque growth does; the
   lumen elsewhere is untouched. A third without such a plaque gets one of the sampler's typical
   shape (the middle of each :class:`~monai_cft.data.phantom.PhantomConfig` range, centred in the
-  third) before scaling; a target of 0 removes the plaques. When the target cannot be reached
+  third), turned about the vessel to face the sCPR plane, before scaling; a target of 0 removes the
+  plaques. (A new plaque placed at an arbitrary angle is usually cut by the plane only at its
+  tapering edge: a faint sliver carries the labelled area while most of its calcium lies beside the
+  plane and blooms into it, a rendering no sampled plaque of that area has.) When the target cannot be reached
   because the sCPR plane shows too little of the plaque (its angular extent lies off the plane), the
   plaque is turned about the vessel to the orientation the plane shows best, and if that is not
   enough, also widened to the sampler's largest half-width (180 degrees).
@@ -160,6 +163,12 @@ def _turned(plaques: Sequence[dict], degrees: float) -> list[dict]:
     return [dict(p, angle_deg=(p["angle_deg"] + degrees + 180.0) % 360.0 - 180.0) for p in plaques]
 
 
+def _best_turn(meter, base: Mapping[str, Any], kind: str, region: str, plaques: Sequence[dict]) -> list[dict]:
+    """``plaques`` turned (by one of ``_TURNS``) to the orientation whose sCPR shows most of them."""
+    shown = [(meter(_scaled(base, kind, region, 1.0, _turned(plaques, t))), -i, t) for i, t in enumerate(_TURNS)]
+    return _turned(plaques, max(shown)[2])
+
+
 def _scaled(params: Mapping[str, Any], kind: str, region: str, s: float, base: Sequence[dict]) -> dict[str, Any]:
     """Params with the plaques ``base`` (of ``kind`` in ``region``) scaled by ``s`` (0 removes them)."""
     out = copy.deepcopy(dict(params))
@@ -295,9 +304,9 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
         if target <= 0:
             current = _scaled(current, struct, region, 0.0, plaques)
             continue
-        if not plaques:
-            plaques = [_typical_plaque(current, struct, region)]
         base = current
+        if not plaques:  # a new plaque of the sampler's typical shape, facing the sCPR plane
+            plaques = _best_turn(meter, base, struct, region, [_typical_plaque(current, struct, region)])
         # the plaques as they are; if the sCPR plane misses them or cannot show enough of them even at
         # the largest size, turned to the orientation the plane shows best; then also as wide as the
         # sampler allows (half-width 180 degrees)
@@ -313,8 +322,7 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
             if abs(m - target) <= tol or k == 2:
                 break
             if k == 0:
-                shown = [(meter(_scaled(base, struct, region, 1.0, _turned(cand, t))), -i, t) for i, t in enumerate(_TURNS)]
-                attempts.append(_turned(cand, max(shown)[2]))
+                attempts.append(_best_turn(meter, base, struct, region, cand))
             else:
                 attempts.append([dict(p, half_width_deg=180.0) for p in cand])
         current = best[1]

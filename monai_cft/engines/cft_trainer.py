@@ -54,12 +54,12 @@ from monai_cft.engines.common import (
     clip_and_check,
     linear_warmup,
 )
-from monai_cft.losses.guidance import RegressorGuidanceLoss, SegmentorGuidanceLoss
+from monai_cft.engines.guidance import GUIDANCE_BUILDERS
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
 
 #: fine-tuning modes: ``none`` (the pretrained DSCM, the No-CFT baseline), Reg-CFT, Seg-CFT, Pos-Seg-CFT.
-CFT_MODES: tuple[str, ...] = ("none", "reg", "seg", "pos_seg")
+CFT_MODES: tuple[str, ...] = tuple(GUIDANCE_BUILDERS)
 #: how intervention targets are drawn during fine-tuning.
 INTERVENTION_SAMPLING: tuple[str, ...] = ("uniform", "permute")
 
@@ -156,13 +156,18 @@ class CFTTrainer(Trainer):
             ``parents_key`` ((B, V) physical units, the DSCM's variable order).
         dscm: the pretrained :class:`~monai_cft.networks.dscm.DeepSCM` (``hvae``, ``mechanisms``,
             ``normalizer``); its HVAE is trained in place, everything else is frozen.
-        mode: one of :data:`CFT_MODES`. ``"none"`` trains nothing (:meth:`run` returns at once and
-            :meth:`export` writes the pretrained weights: the No-CFT baseline).
-        guidance_loss: :class:`RegressorGuidanceLoss` for ``"reg"``, a
-            :class:`SegmentorGuidanceLoss` without region masks for ``"seg"`` and one with as many
-            region masks as the DSCM's variables have regions for ``"pos_seg"``; ignored for ``"none"``.
-            Its reduction may be ``"none"``: the per-variable terms are then logged and reduced as
-            the mean over the batch of the sum over variables.
+        mode: one of :data:`CFT_MODES`, the label recorded in the checkpoints. ``"none"`` trains
+            nothing (:meth:`run` returns at once and :meth:`export` writes the pretrained weights:
+            the No-CFT baseline).
+        guidance_loss: what the mode fine-tunes with, built by
+            :func:`monai_cft.engines.guidance.build_guidance_loss` (``None`` for ``"none"``, required
+            otherwise): any module with ``from_parents(x_cf, parents_cf_norm, low, high)`` (the CFT
+            term given the normalized counterfactual parents and the normalizer's ranges) and
+            ``check_parents(num_variables)``, such as a
+            :class:`~monai_cft.losses.RegressorGuidanceLoss` or a
+            :class:`~monai_cft.losses.SegmentorGuidanceLoss`. The trainer never branches on the mode.
+            With reduction ``"none"`` the per-variable terms are logged and reduced as the mean over
+            the batch of the sum over variables.
         optimizer: optimizer of the HVAE's parameters (exactly those); default ``AdamW(lr, betas=(0.9, 0.9),
             weight_decay)``.
         lr, betas, weight_decay: of the default optimizer.
@@ -318,31 +323,17 @@ class CFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_guidance(self, loss: nn.Module | None) -> nn.Module | None:
-        if self.mode == "none":
-            return None
+        # the loss defines what the mode does; only "none" (no fine-tuning) must come without one
+        if (loss is None) != (self.mode == "none"):
+            need = "no guidance loss" if self.mode == "none" else "a guidance loss"
+            raise ValueError(f"cft_mode {self.mode!r} needs {need} (see monai_cft.engines.guidance.build_guidance_loss).")
         if loss is None:
-            raise ValueError(f"cft_mode {self.mode!r} needs a guidance loss.")
-        if self.mode == "reg":
-            if not isinstance(loss, RegressorGuidanceLoss):
-                raise TypeError(f"cft_mode 'reg' needs a RegressorGuidanceLoss, got {type(loss).__name__}.")
-            if loss.num_outputs != self.num_variables:
-                raise ValueError(
-                    f"the regressor predicts {loss.num_outputs} parents but the DSCM has {self.num_variables}."
-                )
-            return loss
-        if not isinstance(loss, SegmentorGuidanceLoss):
-            raise TypeError(f"cft_mode {self.mode!r} needs a SegmentorGuidanceLoss, got {type(loss).__name__}.")
-        num_s = len(loss.structures)
-        if self.num_variables % num_s:
-            raise ValueError(f"{self.num_variables} DSCM variables are not a multiple of {num_s} structures.")
-        regions = self.num_variables // num_s
-        want = 1 if self.mode == "seg" else regions
-        if loss.num_regions != want:
-            raise ValueError(
-                f"cft_mode {self.mode!r} needs a segmentor loss measuring {want} region(s) "
-                f"({'no region masks' if want == 1 else 'one mask per region of the variables'}), "
-                f"got {loss.num_regions}."
-            )
+            return None
+        for attr in ("from_parents", "check_parents"):
+            if not callable(getattr(loss, attr, None)):
+                raise TypeError(f"the guidance loss must have a {attr}() method (a RegressorGuidanceLoss or "
+                                f"SegmentorGuidanceLoss), got {type(loss).__name__}.")
+        loss.check_parents(self.num_variables)
         return loss
 
     def _set_modes(self) -> None:
@@ -463,7 +454,7 @@ class CFTTrainer(Trainer):
     # ------------------------------------------------------------------ training
     def run(self) -> None:  # type: ignore[override]
         """Fine-tune (``mode="none"``: nothing to train, returns at once)."""
-        if self.mode == "none":
+        if self.guidance_loss is None:
             self.logger.info("cft_mode 'none': no fine-tuning; export() writes the pretrained DSCM.")
             return
         super().run()
@@ -500,12 +491,8 @@ class CFTTrainer(Trainer):
             )
 
     def _guidance(self, x_cf: torch.Tensor, parents_cf_norm: torch.Tensor) -> torch.Tensor:
-        if self.mode == "reg":
-            return self.guidance_loss(x_cf, parents_cf_norm)
         norm = self.dscm.normalizer
-        # no range check here: descendants recomputed by the flows may leave the observed range
-        phys = (parents_cf_norm + 1.0) * 0.5 * (norm.high - norm.low) + norm.low
-        return self.guidance_loss(x_cf, self.guidance_loss.targets_from_parents(phys))
+        return self.guidance_loss.from_parents(x_cf, parents_cf_norm, norm.low, norm.high)
 
     def _iteration(self, engine: CFTTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         if batchdata is None:

@@ -202,6 +202,17 @@ class RegressorGuidanceLoss(_FrozenGuidanceLoss):
 
             self._nll = GaussianNLLLoss(reduction="none", log_var_clamp=self.log_var_clamp)
 
+    def check_parents(self, num_variables: int) -> None:
+        """Raise unless this loss can score counterfactuals of a model with ``num_variables`` parents."""
+        if self.num_outputs != int(num_variables):
+            raise ValueError(f"the regressor predicts {self.num_outputs} parents but the DSCM has {num_variables}.")
+
+    def from_parents(self, x_cf: torch.Tensor, parents_norm: torch.Tensor, low: torch.Tensor,
+                     high: torch.Tensor) -> torch.Tensor:
+        """The CFT term of ``x_cf`` given the normalized counterfactual parents (B, V) ([-1, 1] over
+        ``[low, high]``, which the regressor's targets already are): :meth:`forward`."""
+        return self(x_cf, parents_norm)
+
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Regressor prediction on ``x`` (B, C, *spatial): (mean, log-variance), each (B, V), normalized units."""
         out = self.network(x).float()
@@ -305,6 +316,26 @@ class SegmentorGuidanceLoss(_FrozenGuidanceLoss):
     def num_variables(self) -> int:
         """V = S * K, the number of measured variables."""
         return len(self.structures) * self.num_regions
+
+    def check_parents(self, num_variables: int) -> None:
+        """Raise unless the loss can score a model with ``num_variables`` structure-major regional parents:
+        S structures times either K regions (Pos-Seg-CFT) or one global region (Seg-CFT)."""
+        num_s = len(self.structures)
+        if int(num_variables) % num_s:
+            raise ValueError(f"{num_variables} DSCM variables are not a multiple of {num_s} structures.")
+        regions = int(num_variables) // num_s
+        if self.num_regions not in (1, regions):
+            raise ValueError(f"the segmentor loss measures {self.num_regions} regions but the DSCM's variables have "
+                             f"{regions} per structure (the loss needs one mask per region, or none).")
+
+    def from_parents(self, x_cf: torch.Tensor, parents_norm: torch.Tensor, low: torch.Tensor,
+                     high: torch.Tensor) -> torch.Tensor:
+        """The CFT term of ``x_cf`` given the normalized counterfactual parents (B, V) in [-1, 1] over
+        ``[low, high]`` (physical units): mapped back to physical units (no range check: descendants
+        recomputed by the flows may leave the observed range), then :meth:`targets_from_parents`
+        and :meth:`forward`."""
+        phys = (parents_norm + 1.0) * 0.5 * (high - low) + low
+        return self(x_cf, self.targets_from_parents(phys))
 
     def targets_from_parents(self, parents: torch.Tensor) -> torch.Tensor:
         """Map regional parents (B, S * R), structure-major, physical units, to this loss's (B, S * K) targets.

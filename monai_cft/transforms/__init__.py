@@ -17,7 +17,7 @@ from .cpr import (
     scpr_to_world,
 )
 from .measures import StructureMeasures, StructureMeasuresd, measure_structures
-from .regions import REGION_NAMES_KEY, RegionMasks, RegionMasksd
+from .regions import REGION_NAMES_KEY, RegionMasks, RegionMasksd, context_pixels, region_window_shape, region_windows
 
 __all__ = [
     "SCPR_ANGLE_KEY",
@@ -36,8 +36,11 @@ __all__ = [
     "StructureMeasuresd",
     "centerline_length",
     "clean_centerline",
+    "context_pixels",
     "measure_structures",
     "parallel_transport_frames",
+    "region_window_shape",
+    "region_windows",
     "resample_centerline",
     "scpr_to_world",
 ]

@@ -24,7 +24,7 @@ from monai.utils import TransformBackends, ensure_tuple_rep
 
 from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS
 
-__all__ = ["REGION_NAMES_KEY", "RegionMasks", "RegionMasksd"]
+__all__ = ["REGION_NAMES_KEY", "RegionMasks", "RegionMasksd", "region_windows", "region_window_shape", "context_pixels"]
 
 #: meta key under which the region names are recorded on the output masks.
 REGION_NAMES_KEY = "region_names"
@@ -239,3 +239,77 @@ class RegionMasksd(MapTransform):
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.masks(d[key])
         return d
+
+
+def region_windows(region_masks: torch.Tensor | np.ndarray, context: int, multiple: int = 8) -> list[tuple[slice, ...]]:
+    """One crop window per region: its bounding box plus ``context`` pixels, all of the same shape.
+
+    A regional measurement made on a window sees the region and ``context`` pixels around it and
+    nothing else, so a change elsewhere in the image cannot move it (a segmentor run on the whole
+    image reads context from everywhere: through its receptive field and its normalisation).
+
+    The window of region k is its mask's bounding box grown by ``context`` pixels on each side of
+    every spatial axis; every window then takes the largest such extent per axis, rounded up to a
+    multiple of ``multiple`` (the networks' down-sampling factor) and capped at the image size, and
+    is shifted to lie inside the image (a region at the image border gets its extra context on the
+    inner side).
+
+    Args:
+        region_masks: (K, *spatial) masks; pixels > 0.5 belong to a region. Each must be non-empty.
+        context: pixels of context on each side, >= 0.
+        multiple: window extents are multiples of it (unless capped at the image size), >= 1.
+
+    Returns:
+        K tuples of slices, one per spatial axis, to index ``image[..., *window]``.
+    """
+    masks = torch.as_tensor(region_masks)
+    if masks.ndim < 2:
+        raise ValueError(f"region_masks must be (K, *spatial), got shape {tuple(masks.shape)}.")
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ValueError(f"context must be an integer number of pixels >= 0, got {context!r}.")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}.")
+    spatial = tuple(masks.shape[1:])
+    boxes = []
+    for k in range(masks.shape[0]):
+        idx = torch.nonzero(masks[k] > 0.5)
+        if idx.numel() == 0:
+            raise ValueError(f"region {k} of the region masks is empty: it has no window.")
+        boxes.append((idx.min(0).values.tolist(), (idx.max(0).values + 1).tolist()))
+    shape = []
+    for ax, n in enumerate(spatial):
+        extent = max(hi[ax] - lo[ax] for lo, hi in boxes) + 2 * int(context)
+        shape.append(min(n, -(-extent // multiple) * multiple))
+    windows = []
+    for lo, hi in boxes:
+        win = []
+        for ax, (n, size) in enumerate(zip(spatial, shape)):
+            start = lo[ax] - (size - (hi[ax] - lo[ax])) // 2
+            start = max(0, min(start, n - size))
+            win.append(slice(start, start + size))
+        windows.append(tuple(win))
+    return windows
+
+
+def region_window_shape(region_masks: torch.Tensor | np.ndarray, context: int | None, multiple: int = 8) -> list[int]:
+    """The common spatial shape of :func:`region_windows` (the image's shape for ``context=None``).
+
+    Used as the training crop of a segmentor that will measure region by region, so that it is
+    trained on inputs of the shape it will see.
+    """
+    masks = torch.as_tensor(region_masks)
+    if context is None:
+        return list(masks.shape[1:])
+    return [w.stop - w.start for w in region_windows(masks, context, multiple)[0]]
+
+
+def context_pixels(context_mm: float | None, spacing: float) -> int | None:
+    """``context_mm`` millimetres as a whole number of pixels of ``spacing`` mm (``None`` stays ``None``)."""
+    if context_mm is None:
+        return None
+    mm, sp = float(context_mm), float(spacing)
+    if not (math.isfinite(mm) and mm >= 0.0):
+        raise ValueError(f"context_mm must be a finite number >= 0 (mm), got {context_mm!r}.")
+    if not (math.isfinite(sp) and sp > 0.0):
+        raise ValueError(f"spacing must be a finite number > 0 (mm), got {spacing!r}.")
+    return int(round(mm / sp))
