@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_cft.cft_curves import list_snapshots, snapshot_curves
 from monai_cft.data.presets import HU_WINDOW
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import summarize
@@ -532,6 +533,10 @@ class CounterfactualEvaluation:
         measurements_path: the measurement report of ``python -m monai_cft.segmentor_evaluation``; its
             fitted ``calcium_threshold.threshold_hu`` adds the physics measure of calcium. A missing
             file is skipped with a warning.
+        snapshot_dir: the fine-tuning's weight snapshots (``<output_dir>/cft_state/cft_<mode>_snapshots``);
+            when present, gap closure and slope against CFT updates are evaluated on the first
+            ``curve_cases`` cases (:mod:`monai_cft.cft_curves`) into ``metrics["curves"]``.
+        curve_cases: cases per curve point (0: no curves).
         device: torch device.
     """
 
@@ -551,6 +556,8 @@ class CounterfactualEvaluation:
         allow_extrapolation: bool = False,
         ground_truth_path: str | None = None,
         measurements_path: str | None = None,
+        snapshot_dir: str | None = None,
+        curve_cases: int = 24,
         device: str | torch.device = "cpu",
     ) -> None:
         self.dscm_checkpoint = Path(dscm_checkpoint)
@@ -567,6 +574,8 @@ class CounterfactualEvaluation:
         self.allow_extrapolation = bool(allow_extrapolation)
         self.ground_truth_path = Path(ground_truth_path) if ground_truth_path else None
         self.measurements_path = Path(measurements_path) if measurements_path else None
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.curve_cases = int(curve_cases)
         self.device = torch.device(device)
 
     def _ground_truth(self, case_ids: Sequence[str], names: Sequence[str]) -> dict | None:
@@ -611,7 +620,8 @@ class CounterfactualEvaluation:
         structures = dict(cfg["structures"])
         ground_truth = self._ground_truth(data["ids"], cfg["variables"])
         threshold = self._calcium_threshold()
-        context = context_pixels(seg_meta.get("region_context_mm"), cfg["spacing"])
+        spacing = float(data["element_size"]) ** (1.0 / (data["images"].ndim - 2))
+        context = context_pixels(seg_meta.get("region_context_mm"), spacing)
         rows, metrics = evaluate_counterfactuals(
             scm, seg, data["images"], data["variables"], data["region_masks"],
             names=cfg["variables"], structures=structures, regions=cfg["regions"], ranges=cfg["ranges"],
@@ -621,6 +631,16 @@ class CounterfactualEvaluation:
             ground_truth=ground_truth, hu_window=cfg.get("hu_window", HU_WINDOW), calcium_threshold_hu=threshold,
             include_identity_rows=True, include_ground_truth_rows=True, segmentor_context=context,
         )
+        snapshots = list_snapshots(self.snapshot_dir)
+        if snapshots and self.curve_cases > 0:
+            metrics["curves"] = snapshot_curves(
+                scm, snapshots, evaluate_counterfactuals, data["images"], data["variables"], ground_truth,
+                self.curve_cases, self.cft_mode, segmentor=seg, region_masks=data["region_masks"],
+                names=cfg["variables"], structures=structures, regions=cfg["regions"], ranges=cfg["ranges"],
+                element_size=data["element_size"], seed=self.seed, batch_size=self.batch_size,
+                noise_temperature=self.noise_temperature, allow_extrapolation=self.allow_extrapolation,
+                hu_window=cfg.get("hu_window", HU_WINDOW), segmentor_context=context,
+            )
         metrics.update({"preset": meta.get("preset"), "segmentor": seg_meta.get("arch", "?"),
                         "dscm_checkpoint": str(self.dscm_checkpoint), "split": self.split,
                         "ground_truth_path": str(self.ground_truth_path) if ground_truth is not None else None,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from monai_cft.benchmark_report import format_number as _num
 from monai_cft.benchmark_report import measurements_section, validity_section
+from monai_cft.cft_curves import curves_section
 
 from monai_cft.metrics.response import gap_closure
 
@@ -450,6 +451,7 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
         ("response_slope", _response_section(metrics, modes, ivs)),
         ("pixel_l1_to_ground_truth", _pixel_l1_section(metrics, modes, ivs)),
         ("calcium_threshold", calcium_sec),
+        ("cft_curves", curves_section(metrics, modes, eval_root, out, MODE_LABELS)),
     ):
         parts.append("")
         parts.extend(sec)

@@ -343,3 +343,124 @@ def test_short_fine_tuning_lowers_held_out_guidance_loss(world):
     after, nelbo = _held_out_guidance(tuned, world["test"])
     assert after < 0.9 * before, (before, after)
     assert abs(nelbo - eps) < 0.1, (nelbo, eps)
+
+
+class TinySegmentor(nn.Module):
+    """A small trained segmentor (two 3x3 convolutions), standing in for the bundle's guidance UNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _train_tiny_segmentor(items) -> TinySegmentor:
+    torch.manual_seed(1)
+    seg = TinySegmentor()
+    x = torch.stack([it["image"] for it in items])
+    label = (x[:, 0] > 0.0).long()  # the band
+    opt = torch.optim.Adam(seg.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(seg(x), label).backward()
+        opt.step()
+    return seg.eval()
+
+
+def test_fine_tuning_learns_under_the_production_settings(world):
+    """Pos-Seg-CFT with finetune.json's constraint and schedule (lr after a 20-step warm-up, damping 100,
+    one-sided, 0.05 nats/px ELBO slack, guidance weight 30, EMA 0.999) and a *trained* segmentor: the
+    held-out guidance error falls and the counterfactuals follow the intervention, with the ELBO kept
+    within the slack."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundle" / "configs" / "finetune.json").read_text())
+    seg = _train_tiny_segmentor(world["train"])
+    scales = ranges_to_scales(RANGES, NAMES) / float(cfg["seg_guidance_weight"])
+    loss = SegmentorGuidanceLoss(seg, {"band": 1}, region_masks(), cfg["seg_loss"], 1.0, scales, reduction="none")
+    held_out = SegmentorGuidanceLoss(_train_tiny_segmentor(world["train"]), {"band": 1}, region_masks(), "l1", 1.0,
+                                     ranges_to_scales(RANGES, NAMES), reduction="none")
+
+    def guidance_error(dscm) -> tuple[float, float]:
+        g = torch.Generator().manual_seed(0)
+        items = world["test"]
+        x = torch.stack([it["image"] for it in items])
+        pa = torch.stack([it["variables"] for it in items])
+        idx = torch.randint(K, (len(items),), generator=g)
+        target = 8.0 + 40.0 * torch.rand(len(items), generator=g)
+        dscm.eval()
+        with torch.no_grad():
+            pa_n = dscm.normalizer.normalize(pa)
+            out = dscm.hvae(x, pa_n, return_latents=True)
+            mask = torch.nn.functional.one_hot(idx, K).bool()
+            pa_cf = dscm.counterfactual_parents(pa_n, mask, dscm.normalizer.normalize(torch.where(mask, target[:, None], pa)))
+            x_cf = dscm.predict_counterfactual(x, out["latents"], out["loc"], out["scale"], pa_cf)
+            err = held_out(x_cf, dscm.normalizer.denormalize(pa_cf)).sum(1).mean()
+        return float(err), float(out["elbo"])
+
+    before, nelbo0 = guidance_error(world["dscm"])
+    torch.manual_seed(0)
+    keys = ("lr_warmup_steps", "weight_decay", "lagrange_lr", "damping", "elbo_slack", "one_sided_damping",
+            "ema_decay", "grad_clip", "grad_skip", "noise_temperature")
+    settings = {k: cfg[k] for k in keys}
+    trainer = trainer_for(world, "pos_seg", loss, max_epochs=40, lr=1e-3, shuffle=True, batch_size=16, **settings)
+    trainer.run()
+    tuned = copy.deepcopy(trainer.dscm)
+    tuned.load_state_dict(trainer.dscm_state_dict(use_ema=True))
+    after, nelbo = guidance_error(tuned)
+    print(f'production-settings CFT: held-out guidance error {before:.3f} -> {after:.3f}, nelbo {nelbo0:.3f} -> {nelbo:.3f}')
+    assert after < 0.85 * before, (before, after)
+    assert nelbo < trainer.constraint.eps.item() + 0.1, (nelbo, trainer.constraint.eps.item())
+
+
+def test_fine_tuning_is_deterministic_for_a_seed(world):
+    """Two runs with the same seed give bit-identical weights and logs (CPU; docs/cft.md, Determinism)."""
+    from monai.utils import set_determinism
+
+    runs = []
+    for _ in range(2):
+        set_determinism(seed=0)
+        trainer = trainer_for(world, "pos_seg", seg_loss(), max_epochs=2, lr=1e-3, shuffle=True, batch_size=16)
+        logs = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logs.append(dict(e.state.output)))
+        trainer.run()
+        runs.append((trainer.dscm_state_dict(use_ema=True), logs))
+    set_determinism(seed=None)
+    (w0, l0), (w1, l1) = runs
+    assert l0 == l1 and len(l0) == 6
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_snapshots_and_curves(world, tmp_path):
+    """The trainer keeps EMA snapshots at 0, every snapshot_interval and at the end (a fresh run clears
+    the old ones); snapshot_curves evaluates each and measures gap closure against iteration 0."""
+    from monai_cft.cft_curves import list_snapshots, snapshot_curves
+
+    (tmp_path / "cft_pos_seg_snapshots").mkdir()
+    (tmp_path / "cft_pos_seg_snapshots" / "iter_000999.pt").write_bytes(b"stale")
+    trainer = trainer_for(world, "pos_seg", seg_loss(), max_epochs=2, checkpoint_dir=tmp_path, snapshot_interval=4,
+                          resume=False)
+    trainer.run()  # 2 epochs x 6 batches = 12 updates
+    snaps = list_snapshots(tmp_path / "cft_pos_seg_snapshots")
+    assert [it for it, _ in snaps] == [0, 4, 8, 12]
+    first = torch.load(snaps[0][1], weights_only=True)
+    assert all(torch.equal(first["model"][k], v) for k, v in world["dscm"].hvae.state_dict().items())
+
+    def fake_evaluate(model, images, variables, **kw):
+        drift = sum(float((p - q).abs().sum()) for p, q in zip(model.hvae.parameters(), world["dscm"].hvae.parameters()))
+        err = 10.0 - min(drift, 8.0)  # error falls as the weights move away from the pretrained ones
+        return [], {"intervened_error": {n: {"err_mode": err, "err_ground_truth": 2.0} for n in NAMES},
+                    "response_slope": {n: {n: 1.0 - err / 10.0} for n in NAMES}}
+
+    c = snapshot_curves(trainer.dscm, snaps, fake_evaluate, torch.zeros(5, 1, H, W), torch.zeros(5, K), None,
+                        n_cases=3, mode="pos_seg")
+    assert c["iterations"] == [0, 4, 8, 12] and c["n_cases"] == 3
+    assert c["median_gap_closure"][0] == 0.0 and c["median_gap_closure"][-1] > 0.0
+    assert c["err"]["band_mid"][0] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="start at iteration 0"):
+        snapshot_curves(trainer.dscm, snaps[1:], fake_evaluate, torch.zeros(5, 1, H, W), torch.zeros(5, K), None, 3, "pos_seg")
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        trainer_for(world, "pos_seg", seg_loss(), checkpoint_dir=tmp_path, snapshot_interval=0)

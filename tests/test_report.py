@@ -124,13 +124,19 @@ def test_table1_identity_and_ground_truth_rows(tmp_path):
 
 def test_report_sections_with_ground_truth(tmp_path):
     _write_mode(tmp_path, "none", lambda c, iv: 10.0 if iv else 3.0, extra=_extra(10.0, 0.2, 40.0, 8.0))
-    _write_mode(tmp_path, "pos_seg", lambda c, iv: 4.0 if iv else 1.0, extra=_extra(4.0, 0.9, 10.0, 3.0))
+    curves = {"iterations": [0, 70, 140], "n_cases": 24, "median_gap_closure": [0.0, 0.4, 0.6],
+              "median_slope": [0.2, 0.5, 0.7]}
+    _write_mode(tmp_path, "pos_seg", lambda c, iv: 4.0 if iv else 1.0,
+                extra=dict(_extra(4.0, 0.9, 10.0, 3.0), curves=curves))
     text = write_report(tmp_path, ["none", "reg", "seg", "pos_seg"]).read_text()
     for head in ("## Gap closure", "## Response slopes", "## Pixel L1 to the ground truth (HU)",
-                 "## Physics measure of calcium"):
+                 "## Physics measure of calcium", "## Fine-tuning curves"):
         assert head in text
     new_sections = text.split("## Gap closure")[1].split("## Composition")[0]
     assert "_Omitted" not in new_sections
+    assert "- Pos-Seg-CFT (updates: median gap closure / median slope): 0: 0.00 / 0.20, 70: 0.40 / 0.50, " \
+           "140: 0.60 / 0.70" in text
+    assert (tmp_path / "eval" / "cft_curves.png").stat().st_size > 1000 and "](eval/cft_curves.png)" in text
     lines = text.splitlines()
     # vs No-CFT: (10 - 4) / (10 - 2) = 0.75; vs identity: (12 - 4) / (12 - 2) = 0.8 and (12 - 10) / 10 = 0.2
     i = lines.index("| Intervention | Pos-Seg-CFT |")
@@ -173,7 +179,7 @@ def test_report_sections_without_ground_truth(tmp_path):
 def test_report_of_old_metrics_omits_the_new_sections(tmp_path):
     _write_mode(tmp_path, "reg", lambda c, iv: 4.0 if iv else 2.0)
     text = write_report(tmp_path, ["reg"]).read_text()
-    assert text.count("_Omitted") == 6  # the four metric sections, benchmark validity and measurements
+    assert text.count("_Omitted") == 7  # the four metric sections, the curves, benchmark validity and measurements
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(summary[k] is None for k in ("gap_closure", "response_slope", "pixel_l1_to_ground_truth",
                                              "calcium_threshold"))

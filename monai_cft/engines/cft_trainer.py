@@ -55,6 +55,7 @@ from monai_cft.engines.common import (
     linear_warmup,
 )
 from monai_cft.engines.guidance import GUIDANCE_BUILDERS
+from monai_cft.utils.checkpoint import save_checkpoint
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
 
@@ -192,6 +193,9 @@ class CFTTrainer(Trainer):
         noise_temperature: multiplies the abducted pixel noise of ``x_cf`` (1 = exact counterfactual).
         checkpoint_dir: folder of the resume state ``cft_<mode>_state.pt`` (``None``: no resume state).
         checkpoint_interval: save the resume state every this many iterations (and at the end).
+        snapshot_interval: also keep the HVAE's EMA weights at iteration 0 and every this many
+            iterations (and at the end) in ``<checkpoint_dir>/cft_<mode>_snapshots/`` (:meth:`save_snapshot`),
+            for the gap-closure and slope curves of the evaluation; ``None``: no snapshots.
         resume: load the resume state when the run starts, if the file exists.
         image_key, parents_key: batch keys.
         epoch_length, non_blocking, train_handlers, key_train_metric, additional_metrics: as
@@ -231,6 +235,7 @@ class CFTTrainer(Trainer):
         noise_temperature: float = 1.0,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_interval: int = 100,
+        snapshot_interval: int | None = None,
         resume: bool = True,
         image_key: str = "image",
         parents_key: str = "variables",
@@ -309,6 +314,10 @@ class CFTTrainer(Trainer):
         self.elbo_slack = float(elbo_slack)
         self.checkpoint_interval = int(checkpoint_interval)
         self.state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"cft_{self.mode}_state.pt"
+        if snapshot_interval is not None and (isinstance(snapshot_interval, bool) or int(snapshot_interval) < 1):
+            raise ValueError(f"snapshot_interval must be a number of updates >= 1 or None, got {snapshot_interval!r}.")
+        self.snapshot_interval = None if snapshot_interval is None else int(snapshot_interval)
+        self.snapshot_dir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"cft_{self.mode}_snapshots"
         self.resume = bool(resume)
         self._consecutive_skips = 0
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
@@ -318,6 +327,9 @@ class CFTTrainer(Trainer):
         if self.state_path is not None:
             self.add_event_handler(Events.ITERATION_COMPLETED(every=self.checkpoint_interval), self._save_state)
             self.add_event_handler(Events.COMPLETED, self._save_state)
+        if self.snapshot_interval is not None and self.snapshot_dir is not None:
+            self.add_event_handler(Events.ITERATION_COMPLETED(every=self.snapshot_interval), self.save_snapshot)
+            self.add_event_handler(Events.COMPLETED, self.save_snapshot)
         if train_handlers:
             self._register_handlers(train_handlers)
 
@@ -369,6 +381,10 @@ class CFTTrainer(Trainer):
             self.constraint.set_target(eps)
             self.logger.info(f"CFT ELBO target eps = {eps:.5f} nats per element (pretrained model {measured:.5f} "
                              f"+ slack {self.elbo_slack:g}).")
+        if self.snapshot_interval is not None and self.snapshot_dir is not None and int(self.state.iteration) == 0:
+            for old in self.snapshot_dir.glob("iter_*.pt"):  # a fresh run: no snapshot of an earlier one survives
+                old.unlink()
+            self.save_snapshot()  # the pretrained model: the start of the curves
 
     @torch.no_grad()
     def measure_elbo_target(self, num_batches: int | None = None) -> float:
@@ -395,6 +411,19 @@ class CFTTrainer(Trainer):
         if count == 0:
             raise ValueError("cannot measure the ELBO target: the training loader yielded no batch.")
         return total / count
+
+    def save_snapshot(self, engine: Engine | None = None) -> Path | None:
+        """Write the HVAE's EMA weights at this iteration to ``<checkpoint_dir>/cft_<mode>_snapshots/iter_<n>.pt``.
+
+        ``{"model": HVAE EMA state dict, "meta": {"kind": "cft_snapshot", "cft_mode", "iteration"}}``
+        (plain tensors, ``weights_only``-loadable); iteration 0 is the pretrained model. The
+        evaluation turns the snapshots into gap closure and slope against updates.
+        """
+        if self.snapshot_dir is None:
+            return None
+        it = int(self.state.iteration)
+        return save_checkpoint(self.snapshot_dir / f"iter_{it:06d}.pt", self.ema.module.state_dict(),
+                               {"kind": "cft_snapshot", "cft_mode": self.mode, "iteration": it})
 
     def state_for_resume(self) -> dict[str, Any]:
         """Everything needed to continue an interrupted run, as a plain (``weights_only``-loadable) dict."""
@@ -569,7 +598,6 @@ class CFTTrainer(Trainer):
         ``meta`` (typically the pretrained checkpoint's meta) is extended with ``kind="dscm"``,
         ``cft_mode``, the ELBO target, the final Lagrange multiplier and the iteration count.
         """
-        from monai_cft.utils.checkpoint import save_checkpoint
 
         out = dict(meta or {})
         out.update(
