@@ -77,7 +77,7 @@ def segmentor_probabilities(
         raise ValueError(f"region-by-region segmentation needs shared (K, *spatial) region masks, got {got}.")
     masks = region_masks.to(device).float()
     windows = region_windows(masks, context)
-    b, k = x.shape[0], len(windows)
+    b = x.shape[0]
     crops = torch.cat([x[(slice(None), slice(None), *w)] for w in windows])  # (K*B, C_in, *window)
     probs = run(crops)
     out = torch.zeros((b, probs.shape[1], *x.shape[2:]), device=device)
