@@ -59,7 +59,7 @@ CFT_MODES = ("none", "reg", "seg", "pos_seg")
 QUICK_EPOCHS = {"segmentor": 16, "segmentor_eval": 40, "regressor": 20, "dscm": 25, "finetune": 15}
 #: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
 #: thousands at 1e-4 (the finetune.json default).
-QUICK_FINETUNE_LR = 1e-3
+QUICK_FINETUNE_LR = 2e-3
 
 
 @dataclass

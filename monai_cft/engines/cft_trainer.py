@@ -35,10 +35,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
@@ -64,7 +66,7 @@ CFT_MODES: tuple[str, ...] = tuple(GUIDANCE_BUILDERS)
 #: how intervention targets are drawn during fine-tuning.
 INTERVENTION_SAMPLING: tuple[str, ...] = ("uniform", "permute")
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 #: consecutive skipped updates after which the trainer warns that training has stalled.
 _STALL_WARNING = 20
 
@@ -322,6 +324,12 @@ class CFTTrainer(Trainer):
         self._consecutive_skips = 0
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
 
+        # exact resume: the RNG state at each epoch's start (it fixes the epoch's shuffle) and at each save
+        self._epoch_rng: torch.Tensor | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._resume_skip = 0
+        self.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
+        self.add_event_handler(Events.GET_BATCH_STARTED, self._on_get_batch_started)
         # handler order on STARTED: resume first, then the ELBO target (restored or measured)
         self.add_event_handler(Events.STARTED, self._on_started)
         if self.state_path is not None:
@@ -425,9 +433,54 @@ class CFTTrainer(Trainer):
         return save_checkpoint(self.snapshot_dir / f"iter_{it:06d}.pt", self.ema.module.state_dict(),
                                {"kind": "cft_snapshot", "cft_mode": self.mode, "iteration": it})
 
-    def state_for_resume(self) -> dict[str, Any]:
-        """Everything needed to continue an interrupted run, as a plain (``weights_only``-loadable) dict."""
+    # ------------------------------------------------------------------ exact resume
+    def _on_epoch_started(self, engine: Engine) -> None:
+        rng = self._resume_rng
+        if rng is not None and self._resume_skip:
+            torch.set_rng_state(rng["epoch"])  # the interrupted epoch: the shuffle it had before the interruption
+        elif rng is not None:  # resumed at an epoch boundary: the generators as they were at the save
+            self._set_rng(rng)
+            self._resume_rng = None
+        self._epoch_rng = torch.get_rng_state()
+
+    def _on_get_batch_started(self, engine: Engine) -> None:
+        if self._resume_rng is None:
+            return
+        rng, self._resume_rng = self._resume_rng, None
+        it = getattr(self, "_dataloader_iter", None)
+        for _ in range(self._resume_skip):  # the batches the interrupted run had already used this epoch
+            next(it)
+        self._resume_skip = 0
+        self._set_rng(rng)  # then the generators exactly as they were at the save
+
+    @staticmethod
+    def _set_rng(rng: Mapping[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(("MT19937", rng["numpy"][0].numpy().astype(np.uint32), int(rng["numpy"][1]),
+                             int(rng["numpy"][2]), float(rng["numpy"][3])))
+        random.setstate((int(rng["python"][0]), tuple(int(v) for v in rng["python"][1]),
+                         None if rng["python"][2] is None else float(rng["python"][2])))
+
+    def _rng_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        py_state = random.getstate()
         return {
+            "torch": torch.get_rng_state(),
+            "epoch": self._epoch_rng,
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])],
+            "python": [int(py_state[0]), list(py_state[1]), py_state[2]],
+        }
+
+    def state_for_resume(self) -> dict[str, Any]:
+        """Everything needed to continue an interrupted run, as a plain (``weights_only``-loadable) dict.
+
+        Besides the weights, optimizers, constraint and iteration, the torch / numpy / Python random
+        states at the save and torch's at the start of the epoch (which fixes the data loader's
+        shuffle), so that a resumed run on the CPU equals the uninterrupted one bit for bit.
+        """
+        return {
+            "rng": self._rng_state(),
             "version": _STATE_VERSION,
             "meta": {"cft_mode": self.mode, "variables": list(self.dscm.normalizer.names)},
             "hvae": self.hvae.state_dict(),
@@ -478,6 +531,11 @@ class CFTTrainer(Trainer):
         engine_state["max_epochs"] = max(int(engine_state.get("max_epochs", 1)), 1)
         self.load_state_dict(engine_state)
         self.state.max_epochs = max_epochs
+        rng = state.get("rng")
+        length = int(engine_state.get("epoch_length") or 0)
+        if rng is not None:  # version 1 states carry none: the run resumes, but not bit for bit
+            self._resume_rng = rng
+            self._resume_skip = int(self.state.iteration) % length if length > 0 else 0
         self.logger.info(f"resumed CFT ({self.mode}) from {path} at iteration {self.state.iteration}.")
 
     # ------------------------------------------------------------------ training
