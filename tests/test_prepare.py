@@ -267,3 +267,47 @@ def test_resume_with_another_preset_is_refused(raw_dir, scpr_dir, tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*spacing.*\(0.5, 0.25\)"):
         prepare_dataset(raw_dir, out, preset="paper", workers=0, progress=False)
     assert nib.load(out / "images" / "case_0000.nii.gz").shape == (32, 192)
+
+
+def _tube_case(root, centre_xy=(5.0, 3.0), lps=False, labelled=True):
+    """A 0.5 mm volume spanning x, y in [-16, 16] mm with a bright tube (400 HU, radius 1.5 mm) along z at
+    ``centre_xy``: a centreline in LPS (x and y negated) still lies inside the volume."""
+    from monai_cft.data.io import save_nifti
+
+    n, sp = 64, 0.5
+    affine = np.diag([sp, sp, sp, 1.0])
+    affine[:3, 3] = [-16.0 + sp / 2, -16.0 + sp / 2, 0.0]
+    idx = np.indices((n, n, n)).astype(float) * sp
+    x, y = idx[0] - 16.0 + sp / 2, idx[1] - 16.0 + sp / 2
+    tube = (x - centre_xy[0]) ** 2 + (y - centre_xy[1]) ** 2 <= 1.5**2
+    image = np.where(tube, 400.0, 0.0).astype(np.float32)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    save_nifti(image, affine, root / "images" / "t1.nii.gz")
+    item = {"id": "t1", "image": "images/t1.nii.gz", "centerline": "t1.csv"}
+    if labelled:
+        save_nifti(tube.astype(np.uint8), affine, root / "t1_label.nii.gz", dtype=np.uint8)
+        item["label"] = "t1_label.nii.gz"
+    sign = -1.0 if lps else 1.0
+    z = np.linspace(2.0, 30.0, 15)
+    save_centerline(np.stack([np.full_like(z, sign * centre_xy[0]), np.full_like(z, sign * centre_xy[1]), z], 1),
+                    root / "t1.csv")
+    save_json({"training": [item]}, root / "dataset.json")
+    return root
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_centerline_in_lps_inside_the_volume_is_refused(tmp_path, labelled):
+    import warnings
+
+    good = _tube_case(tmp_path / "ras", labelled=labelled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unlabelled single case: no ranges to speak of
+        prepare_dataset(good, tmp_path / "ok", preset="quick", workers=0, progress=False)
+    bad = _tube_case(tmp_path / "lps", lps=True, labelled=labelled)
+    with pytest.raises(ValueError, match=r"case 't1'.*x and y negated.*LPS.*RAS"):
+        prepare_dataset(bad, tmp_path / "no", preset="quick", workers=0, progress=False)
+    assert not (tmp_path / "no" / "images" / "t1.nii.gz").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare_dataset(bad, tmp_path / "forced", preset="quick", workers=0, progress=False, check_centerline=False)
+    assert (tmp_path / "forced" / "images" / "t1.nii.gz").exists()

@@ -273,3 +273,40 @@ def test_pipeline_epochs_must_be_whole_numbers(epochs, tmp_path):
     args = pipeline.parse_args(["--epochs", epochs, "--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match=re.escape(epochs)):
         pipeline.build_stages(args)
+
+
+def test_root_cause_and_readable_error():
+    from monai_cft.utils.bundle import readable_error, root_cause
+
+    try:
+        try:
+            raise ValueError("unknown cft_mode 'posseg'; expected one of [...]\nsecond line")
+        except ValueError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+    except RuntimeError as outer:
+        assert isinstance(root_cause(outer), ValueError)
+        assert readable_error(outer) == "error: ValueError: unknown cft_mode 'posseg'; expected one of [...]"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_bundle_run_error_is_one_readable_line(tmp_path, debug):
+    """``python -m monai.bundle run`` with a bad override: the root cause in one line, no traceback
+    (unless MONAI_CFT_DEBUG=1), exit status 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = root / "bundle" / "configs"
+    env = dict(os.environ, MONAI_CFT_DEBUG="1" if debug else "0")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "finetune",
+           "--config_file", f"['{cfg / 'common.json'}','{cfg / 'finetune.json'}']",
+           "--meta_file", str(cfg / "metadata.json"), "--dataset_dir", str(tmp_path), "--cft_mode", "posseg"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1
+    if debug:
+        assert "Traceback" in res.stderr
+    else:
+        assert "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "error: ValueError: unknown cft_mode 'posseg'" in res.stderr

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from monai_cft.data._parallel import default_workers, parallel_map
-from monai_cft.data.io import atomic_path, check_file_name, load_datalist, save_csv, save_json, save_nifti
+from monai_cft.data.io import atomic_path, check_file_name, load_centerline, load_datalist, save_csv, save_json, save_nifti
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS, get_scpr_preset
 from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
 
@@ -187,12 +187,69 @@ def _read_marker(path: Path, names: Sequence[str]) -> list[float] | None:
     return [float(v) for v in rows[1][1:]]
 
 
+#: an sCPR's centre rows must cross contrast lumen at this fraction of their valid columns at least.
+_CENTRE_LUMEN_FRACTION = 0.5
+#: contrast-enhanced lumen is brighter than this (HU) on CCTA (284-367 HU at high contrast, docs/data.md).
+_LUMEN_MIN_HU = 150.0
+
+
+def _centre_lumen_fraction(out: Mapping[str, Any], labelled: bool) -> float:
+    """Fraction of the sCPR's centre-row pixels (valid columns) that look like the vessel lumen:
+    labelled lumen (any vessel structure) with a label, else brighter than ``_LUMEN_MIN_HU``."""
+    from monai_cft.transforms.cpr import SCPR_VALID_COLUMNS_KEY
+
+    image = out["label" if labelled else "image"]
+    h = image.shape[1]
+    rows = [h // 2 - 1, h // 2] if h % 2 == 0 else [h // 2]
+    valid = int(image.meta.get(SCPR_VALID_COLUMNS_KEY, image.shape[2]))
+    centre = np.asarray(image[0, rows, :valid])
+    inside = centre > 0 if labelled else centre > _LUMEN_MIN_HU
+    return float(inside.mean()) if inside.size else 0.0
+
+
+def _check_centerline_convention(data: Mapping[str, Any], out: Mapping[str, Any], transform: Any, labelled: bool,
+                                 case: str) -> None:
+    """Raise when the centreline misses the lumen but its LPS reading (x and y negated) follows it.
+
+    A centreline exported in DICOM / LPS patient coordinates instead of the NIfTI's RAS world still
+    crosses the volume, but the sCPR then shows whatever lies at (-x, -y, z): the measured variables
+    are silently wrong. On CCTA the centreline runs inside contrast lumen, so its sCPR's centre rows
+    are lumen (label) or bright (image); when they are not and the negated centreline's are, the
+    coordinate convention is the likely cause.
+    """
+    fraction = _centre_lumen_fraction(out, labelled)
+    if fraction >= _CENTRE_LUMEN_FRACTION:
+        return
+    centerline = data["centerline"]
+    points = np.array(load_centerline(centerline) if isinstance(centerline, (str, os.PathLike)) else centerline,
+                      dtype=np.float64)
+    points[:, :2] *= -1.0
+    try:
+        flipped = transform(dict(data, centerline=points))
+    except Exception:  # the LPS reading does not even fit the volume: not that
+        return
+    other = _centre_lumen_fraction(flipped, labelled)
+    what = "labelled vessel" if labelled else f"brighter than {_LUMEN_MIN_HU:.0f} HU"
+    if other >= _CENTRE_LUMEN_FRACTION:
+        raise ValueError(
+            f"case {case!r}: the centreline {centerline if isinstance(centerline, (str, os.PathLike)) else ''} "
+            f"runs through lumen ({what}) at only {fraction:.0%} of the sCPR's centre pixels, but at {other:.0%} with "
+            "x and y negated: it looks like DICOM / LPS patient coordinates. monai-cft expects RAS world "
+            "millimetres, the frame of the NIfTI affine: negate x and y of every point (or pass --no-centerline-check "
+            "to straighten it as given)."
+        )
+    warnings.warn(f"case {case!r}: the centreline runs through lumen ({what}) at only {fraction:.0%} of the sCPR's "
+                  "centre pixels; check that it follows the vessel in RAS world millimetres.", stacklevel=2)
+
+
 def prepare_case(job: Mapping[str, Any]) -> dict[str, Any]:
     """Straighten (and measure) one case and write its files; the per-case CSV is written last.
 
     Args:
         job: ``{"item": raw datalist item with absolute paths, "out_dir", "spacing", "output_size",
-            "angle", "overwrite", "save_grid"}``.
+            "angle", "overwrite", "save_grid"[, "check_centerline"]}``; with ``check_centerline``
+            (default True) a centreline that misses the lumen while its LPS reading follows it is an
+            error (:func:`_check_centerline_convention`).
 
     Returns:
         ``{"id", "labelled", "variables": list[float] | None, "skipped": bool}``.
@@ -225,6 +282,8 @@ def prepare_case(job: Mapping[str, Any]) -> dict[str, Any]:
         cause = err.__cause__ if err.__cause__ is not None else err
         kind = ValueError if isinstance(cause, ValueError) else RuntimeError
         raise kind(f"preparing case {case!r} ({item['image']}) failed: {type(cause).__name__}: {cause}") from err
+    if job.get("check_centerline", True):
+        _check_centerline_convention(data, out, transform, labelled, case)
 
     image = out["image"]
     affine = np.asarray(image.affine, dtype=np.float64)
@@ -281,6 +340,7 @@ def prepare_dataset(
     overwrite: bool = False,
     save_grid: bool = False,
     progress: bool = True,
+    check_centerline: bool = True,
 ) -> dict[str, Any]:
     """Prepare every case of ``data_dir/dataset.json`` into ``out_dir`` (see the module docstring).
 
@@ -293,6 +353,8 @@ def prepare_dataset(
         overwrite: redo finished cases (and allow changing the settings of an existing folder).
         save_grid: also write the world coordinates of every pixel (``grids/<id>.npy``).
         progress: show a progress bar.
+        check_centerline: refuse a case whose centreline misses the lumen while its LPS reading (x and
+            y negated) follows it (a centreline in DICOM patient coordinates instead of RAS world mm).
 
     Returns:
         The prepare config (as written to ``prepare_config.json``).
@@ -317,19 +379,20 @@ def prepare_dataset(
     datalist = load_datalist(raw / "dataset.json", required_keys=("id", "image", "centerline"))
     with _folder_lock(root):
         return _prepare_locked(raw, root, preset, geometry, names, config, datalist, workers, angle, overwrite,
-                               save_grid, progress)
+                               save_grid, progress, check_centerline)
 
 
 def _prepare_locked(raw: Path, root: Path, preset: str, geometry: Mapping[str, Any], names: Sequence[str],
                     config: dict[str, Any], datalist: Mapping[str, Any], workers: int | None, angle: float,
-                    overwrite: bool, save_grid: bool, progress: bool) -> dict[str, Any]:
+                    overwrite: bool, save_grid: bool, progress: bool, check_centerline: bool = True) -> dict[str, Any]:
     """:func:`prepare_dataset` once the folder's lock is held."""
     if not overwrite:
         _check_existing_config(root, config)
     save_json({k: config[k] for k in ("preset", *_GEOMETRY_KEYS)}, root / _SETTINGS)
     jobs = [
         {"item": item, "out_dir": str(root), "spacing": geometry["spacing"], "output_size": geometry["output_size"],
-         "angle": float(angle), "overwrite": bool(overwrite), "save_grid": bool(save_grid)}
+         "angle": float(angle), "overwrite": bool(overwrite), "save_grid": bool(save_grid),
+         "check_centerline": bool(check_centerline)}
         for split in datalist for item in datalist[split]
     ]
     start = time.perf_counter()
@@ -395,10 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
     parser.add_argument("--save-grid", action="store_true", help="write grids/<id>.npy (world mm of each pixel)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-centerline-check", action="store_true",
+                        help="straighten centrelines that miss the lumen as given (default: refuse one whose LPS "
+                             "reading, x and y negated, follows the lumen)")
     args = parser.parse_args(argv)
     config = prepare_dataset(
         args.data_dir, args.out, args.preset, args.workers, args.angle, args.overwrite, args.save_grid,
-        progress=not args.no_progress,
+        progress=not args.no_progress, check_centerline=not args.no_centerline_check,
     )
     stats = config["_stats"]
     print(

@@ -30,6 +30,9 @@ __all__ = [
     "validate_overrides",
     "parse_run_argv",
     "check_overrides",
+    "install_error_hook",
+    "readable_error",
+    "root_cause",
     "check_override_values",
     "run_bundle",
     "select",
@@ -276,6 +279,52 @@ def _running_bundle_cli(argv0: str) -> bool:
     return len(parts) >= 3 and parts[-3:] == ("monai", "bundle", "__main__.py")
 
 
+#: environment variable that restores Python's full tracebacks for ``python -m monai.bundle run`` errors.
+DEBUG_ENV = "MONAI_CFT_DEBUG"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (``__cause__``, else ``__context__``): the one that names the problem.
+
+    MONAI's config parser wraps an error raised inside a ``$`` expression or an instantiation in a
+    ``RuntimeError`` ("Failed to evaluate ConfigExpression ..."), itself wrapped by the workflow.
+    """
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def readable_error(exc: BaseException) -> str:
+    """One line for a person: the root cause's type and message (its first line)."""
+    cause = root_cause(exc)
+    text = str(cause).strip().splitlines()
+    return f"error: {type(cause).__name__}: {text[0] if text else repr(cause)}"
+
+
+def install_error_hook() -> None:
+    """Make an uncaught error of this process print as one readable line (:func:`readable_error`).
+
+    The full traceback is kept behind ``MONAI_CFT_DEBUG=1``; the exit status stays 1. Installed by
+    :func:`check_overrides` when the process is ``python -m monai.bundle``.
+    """
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if exc is None or isinstance(exc, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+            return
+        print(readable_error(exc), file=sys.stderr)
+        print(f"(the full traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
+
+    sys.excepthook = hook
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
     """Raise ``ValueError`` when a command-line override of ``python -m monai.bundle run`` is unknown.
 
@@ -288,6 +337,9 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
     :func:`run_bundle`, which validates its keyword overrides itself). Overrides given in an
     ``--args_file`` are checked as well.
 
+    In the bundle CLI it also installs :func:`install_error_hook`, so that any later error of the
+    run reaches the user as one line naming its root cause.
+
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
 
@@ -297,6 +349,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
     if argv is None:
         if not sys.argv or not _running_bundle_cli(sys.argv[0]):
             return []
+        install_error_hook()
         argv = sys.argv[1:]
     run_args, overrides = parse_run_argv(argv)
     check_override_values(overrides)
