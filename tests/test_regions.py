@@ -189,3 +189,9 @@ def test_region_windows_cover_each_region_with_context():
         region_windows(torch.stack([masks[0], torch.zeros_like(masks[0])]), context=2)
     with pytest.raises(ValueError, match="spacing"):
         context_pixels(2.0, 0.0)
+
+
+def test_an_axis_too_short_for_the_regions_is_an_error():
+    with pytest.raises(ValueError, match=r"regions \['mid'\] get no pixel of spatial axis 1 \(2 pixels\)"):
+        RegionMasks()(torch.zeros(1, 8, 2))
+    assert RegionMasks()(torch.zeros(1, 8, 3)).sum((1, 2)).tolist() == [8.0, 8.0, 8.0]

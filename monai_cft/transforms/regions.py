@@ -145,6 +145,12 @@ class RegionMasks(Transform):
         bounds = torch.tensor(self.boundaries, dtype=torch.float64, device=device)
         region = torch.searchsorted(bounds, centres, right=True)  # (n,) in [0, K - 1]
         onehot = region.unsqueeze(0) == torch.arange(self.num_regions, device=device).unsqueeze(1)  # (K, n)
+        empty = [self.names[k] for k in range(self.num_regions) if not bool(onehot[k].any())]
+        if empty:
+            raise ValueError(
+                f"regions {empty} get no pixel of spatial axis {ax} ({n} pixels) with boundaries "
+                f"{list(self.boundaries)} ({self.units}): use a longer axis or fewer regions."
+            )
         view = [self.num_regions] + [1] * nd
         view[ax + 1] = n
         return onehot.view(view).expand(self.num_regions, *spatial).to(self.dtype).contiguous()

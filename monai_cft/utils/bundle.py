@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_cft.utils.checks import check_count
+
 __all__ = [
     "BUNDLE_ROOT_ENV",
     "find_bundle_root",
@@ -201,8 +203,6 @@ def check_override_values(overrides: Mapping[str, Any], source: str = "the comma
     String values are parsed as Python literals first; expressions (``$...``) and references
     (``@...``) are left to the config.
     """
-    from monai_cft.engines.common import check_count
-
     for key, value in overrides.items():
         name = _normalize_id(str(key))[-1]
         if name not in COUNT_OVERRIDES:
