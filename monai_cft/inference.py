@@ -397,15 +397,17 @@ class CounterfactualPipeline:
         factual = self._factual_values(variables, measured_factual)
         as_dict = lambda t: dict(zip(self.variables, (float(v) for v in t.flatten().tolist())))  # noqa: E731
         targets = parse_intervention(intervention, as_dict(factual), self.dscm.normalizer.ranges, allow)
-        try:
-            out = self.dscm.counterfactual(
-                x, factual[None], targets, num_particles=self.num_particles,
-                noise_temperature=self.noise_temperature, allow_extrapolation=allow,
-            )
-        except ValueError as err:
-            if variables is None:
+        if variables is None:  # say where out-of-range factual values came from; other errors pass unchanged
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the counterfactual below warns once
+                    self.dscm.normalizer.normalize(factual[None], allow_extrapolation=allow)
+            except ValueError as err:
                 raise ValueError(f"factual variables as measured by the guidance segmentor: {err}") from err
-            raise
+        out = self.dscm.counterfactual(
+            x, factual[None], targets, num_particles=self.num_particles,
+            noise_temperature=self.noise_temperature, allow_extrapolation=allow,
+        )
         x_cf = out["x_cf"]
         factual_hu = unit_to_hu(x[0], self.hu_window)
         cf_hu = unit_to_hu(x_cf[0], self.hu_window)
