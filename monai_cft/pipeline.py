@@ -19,7 +19,7 @@ stage                       what it runs
 ==========================  ==================================================================
 
 A finished stage leaves ``<output_dir>/stages/<stage>.json``: its command, wall time and a
-fingerprint of the markers of the stages it was computed from (every stage of an earlier wave).
+fingerprint of the markers of the stages it was computed from (its ``after`` stages).
 A marker means "this stage, with this command and these inputs, finished": re-running skips a
 stage only if its marker's command (``--workers`` / ``--torch_threads`` aside) and upstream
 fingerprint still match, and no stage it depends on runs again in the same invocation; otherwise it
@@ -29,8 +29,10 @@ stage deletes its marker before it starts (a killed re-run is never taken for do
 succeeds: a run after a killed re-run resumes that re-run instead of restarting it again.
 Stages whose module is not installed yet are reported and skipped, never faked.
 
-Stages of one *wave* do not depend on each other (the four trainings, the four fine-tunings, the
-four evaluations): with ``--jobs N`` (default: the number of cores) up to N of them run at once,
+Each stage names the stages whose outputs it reads (``Stage.after``): a fine-tuning needs the DSCM,
+the guidance segmentor and the regressor, an evaluation its fine-tuning, the evaluation segmentor,
+the ground truth and the measurements. With ``--jobs N`` (default: the number of cores) up to N
+stages whose inputs are finished run at once (waves, then the order above, decide among them),
 each with one torch thread (``--torch-threads``), their output in ``<output_dir>/logs/<stage>.log``
 and a status line every 30 s. On two cores this is faster than one stage with two threads, whose
 threads wait on each other for the small tensors of the quick preset.
@@ -75,6 +77,16 @@ class Stage:
     #: files a forced re-run deletes first (e.g. a fine-tuning's resume state, which would otherwise
     #: continue the finished run instead of starting the new one)
     restart_files: list[Path] = field(default_factory=list)
+    #: the stages whose outputs this one reads; ``None``: every stage of an earlier wave. A stage starts
+    #: as soon as these have finished, so independent work of different waves overlaps.
+    after: tuple[str, ...] | None = None
+
+
+def _dependencies(stages: Sequence[Stage], stage: Stage) -> list[str]:
+    """Names of the stages ``stage`` reads from (:attr:`Stage.after`, else every earlier wave)."""
+    if stage.after is not None:
+        return list(stage.after)
+    return [s.name for s in stages if s.wave < stage.wave]
 
 
 def _repo_root() -> Path:
@@ -129,6 +141,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.data.prepare",
             description=f"sCPR straightening ({args.preset} preset) and regional measurements",
             wave=1,
+            after=("generate",),
         ),
         Stage(
             "dscm",
@@ -136,6 +149,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.engines.dscm_trainer",
             description="deep SCM: attribute flows + hierarchical VAE",
             wave=2,
+            after=("prepare",),
         ),
         Stage(
             "segmentor_guidance",
@@ -144,6 +158,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.networks.predictors",
             description="guidance segmentor (UNet)",
             wave=2,
+            after=("prepare",),
         ),
         Stage(
             "segmentor_eval",
@@ -152,6 +167,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.networks.predictors",
             description="evaluation segmentor (SegResNet, other seed)",
             wave=2,
+            after=("prepare",),
         ),
         Stage(
             "regressor",
@@ -159,6 +175,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.networks.predictors",
             description="parent regressor (ResNet)",
             wave=2,
+            after=("prepare",),
         ),
         Stage(
             "ground_truth",
@@ -167,6 +184,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.data.ground_truth",
             description="ground-truth counterfactuals of the test split (evaluation only)",
             wave=2,
+            after=("generate", "prepare"),
         ),
         Stage(
             "measurements",
@@ -175,6 +193,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             requires_module="monai_cft.segmentor_evaluation",
             description="segmentor Dice and the HU-threshold calcium measure on the test split",
             wave=3,
+            after=("generate", "prepare", "dscm", "segmentor_guidance", "segmentor_eval"),
         ),
     ]
     for mode in CFT_MODES:
@@ -187,6 +206,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                 description=f"counterfactual fine-tuning, mode {mode}",
                 restart_files=[out / "cft_state" / f"cft_{mode}_state.pt"],
                 wave=3,
+                after=("prepare", "dscm", "segmentor_guidance", "regressor"),
             )
         )
     for mode in CFT_MODES:
@@ -198,6 +218,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                 requires_module="monai_cft.evaluation",
                 description=f"evaluation of mode {mode}",
                 wave=4,
+                after=("prepare", f"finetune_{mode}", "segmentor_eval", "ground_truth", "measurements"),
             )
         )
     stages.append(Stage("report", func=lambda: _write_report(out, args), requires_module="monai_cft.report",
@@ -257,13 +278,13 @@ def _comparable(command: Sequence[str] | None) -> list[str] | None:
 
 
 def _upstream(out: Path, stages: Sequence[Stage], stage: Stage) -> dict[str, str]:
-    """Fingerprints (sha256 of the marker) of the finished stages ``stage`` depends on: every
-    stage of an earlier wave."""
+    """Fingerprints (sha256 of the marker) of the finished stages ``stage`` depends on
+    (:func:`_dependencies`)."""
     prints = {}
-    for other in stages:
-        marker = _stage_marker(out, other.name)
-        if other.wave < stage.wave and marker.is_file():
-            prints[other.name] = hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
+    for name in _dependencies(stages, stage):
+        marker = _stage_marker(out, name)
+        if marker.is_file():
+            prints[name] = hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
     return prints
 
 
@@ -277,7 +298,7 @@ def _stale_reason(out: Path, stages: Sequence[Stage], stage: Stage, done: dict, 
         added = [t for t in new if t not in old]
         return f"its command changed (only in the marker: {removed}, only now: {added})" if removed or added else \
             "its command changed (the order of its arguments)"
-    again = [s.name for s in stages if s.wave < stage.wave and s.name in rerun]
+    again = [name for name in _dependencies(stages, stage) if name in rerun]
     if again:
         return f"stage(s) it depends on run again now: {', '.join(again)}"
     if "upstream" in done:  # markers of older versions recorded no inputs: trusted on their command
@@ -374,63 +395,66 @@ def run_pipeline(stages: list[Stage], out: Path, selected: Sequence[str] | None,
                 print(f"{head} -- done earlier but stale, re-running: {stale}", flush=True)
             runnable.append((head, stage))
             rerun.add(stage.name)
-    waves: list[list[tuple[str, Stage]]] = []
-    for item in runnable:
-        if waves and waves[-1][0][1].wave == item[1].wave:
-            waves[-1].append(item)
-        else:
-            waves.append([item])
-    for wave in waves:
-        pending = list(wave)
-        running: dict[str, tuple[subprocess.Popen, float, Path, Stage]] = {}
-        last_status = time.time()
-        while pending or running:
-            while pending and len(running) < jobs:
-                head, stage = pending.pop(0)
-                print(head, flush=True)
-                inputs[stage.name] = _begin(out, stages, stage)
-                t0 = time.time()
-                if stage.command is None:
-                    try:
-                        stage.func()
-                        rc = 0
-                    except Exception as exc:  # a failing stage is reported, later stages still get their chance
-                        print(f"    stage {stage.name} raised {type(exc).__name__}: {exc}", flush=True)
-                        rc = 1
-                    if rc:
-                        failures += 1
-                        print(f"    {stage.name} FAILED after {time.time() - t0:.1f} s", flush=True)
-                    else:
-                        _finish(out, stage, time.time() - t0, inputs[stage.name])
-                        print(f"    {stage.name} done in {time.time() - t0:.1f} s", flush=True)
-                    continue
-                print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
-                log = out / "logs" / f"{stage.name}.log"
-                if jobs == 1:
-                    proc = subprocess.Popen(stage.command, cwd=str(out))
-                else:
-                    print(f"    output: {log}", flush=True)
-                    with log.open("w") as fh:
-                        proc = subprocess.Popen(stage.command, cwd=str(out), stdout=fh, stderr=subprocess.STDOUT)
-                running[stage.name] = (proc, t0, log, stage)
-            time.sleep(0.5)
-            for name, (proc, t0, log, stage) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[name]
-                seconds = time.time() - t0
-                if rc != 0:
+    # a stage starts once the stages it reads from (those that run now) have ended; the list order
+    # (waves, then definition order) decides among ready ones
+    pending = list(runnable)
+    running: dict[str, tuple[subprocess.Popen, float, Path, Stage]] = {}
+    ended: set[str] = set()
+    waiting_on = {stage.name: [d for d in _dependencies(stages, stage) if d in rerun] for _, stage in runnable}
+    last_status = time.time()
+    while pending or running:
+        while len(running) < jobs:
+            ready = [item for item in pending if all(d in ended for d in waiting_on[item[1].name])]
+            if not ready:
+                break
+            pending.remove(ready[0])
+            head, stage = ready[0]
+            print(head, flush=True)
+            inputs[stage.name] = _begin(out, stages, stage)
+            t0 = time.time()
+            if stage.command is None:
+                try:
+                    stage.func()
+                    rc = 0
+                except Exception as exc:  # a failing stage is reported, later stages still get their chance
+                    print(f"    stage {stage.name} raised {type(exc).__name__}: {exc}", flush=True)
+                    rc = 1
+                if rc:
                     failures += 1
-                    hint = f"; see {log}" if jobs > 1 else ""
-                    print(f"    {name} FAILED (exit {rc}) after {seconds:.1f} s{hint}", flush=True)
+                    print(f"    {stage.name} FAILED after {time.time() - t0:.1f} s", flush=True)
                 else:
-                    _finish(out, stage, seconds, inputs[name])
-                    print(f"    {name} done in {seconds:.1f} s", flush=True)
-            if jobs > 1 and running and time.time() - last_status >= status_every:
-                last_status = time.time()
-                for name, (_, t0, log, _) in running.items():
-                    print(f"    .. {name} ({time.time() - t0:.0f} s): {_last_line(log)}", flush=True)
+                    _finish(out, stage, time.time() - t0, inputs[stage.name])
+                    print(f"    {stage.name} done in {time.time() - t0:.1f} s", flush=True)
+                ended.add(stage.name)
+                continue
+            print("    $ " + " ".join(shlex.quote(c) for c in stage.command), flush=True)
+            log = out / "logs" / f"{stage.name}.log"
+            if jobs == 1:
+                proc = subprocess.Popen(stage.command, cwd=str(out))
+            else:
+                print(f"    output: {log}", flush=True)
+                with log.open("w") as fh:
+                    proc = subprocess.Popen(stage.command, cwd=str(out), stdout=fh, stderr=subprocess.STDOUT)
+            running[stage.name] = (proc, t0, log, stage)
+        time.sleep(0.5)
+        for name, (proc, t0, log, stage) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            seconds = time.time() - t0
+            if rc != 0:
+                failures += 1
+                hint = f"; see {log}" if jobs > 1 else ""
+                print(f"    {name} FAILED (exit {rc}) after {seconds:.1f} s{hint}", flush=True)
+            else:
+                _finish(out, stage, seconds, inputs[name])
+                print(f"    {name} done in {seconds:.1f} s", flush=True)
+            ended.add(name)
+        if jobs > 1 and running and time.time() - last_status >= status_every:
+            last_status = time.time()
+            for name, (_, t0, log, _) in running.items():
+                print(f"    .. {name} ({time.time() - t0:.0f} s): {_last_line(log)}", flush=True)
     print(f"pipeline finished in {time.time() - t_all:.1f} s with {failures} failed stage(s); outputs in {out}")
     return failures
 

@@ -210,3 +210,27 @@ def test_unreadable_marker_is_stale(tmp_path, fast_poll, capsys, content):
     (out / "stages" / "a.json").write_text(content)
     text = _run([Stage("a", func=lambda: calls.append("a"))], out, capsys=capsys)
     assert calls == ["a"] and "stale" in text and "unreadable" in text
+
+
+def test_a_stage_starts_when_its_own_inputs_are_done(tmp_path, fast_poll):
+    """With explicit dependencies a later-wave stage does not wait for an unrelated slow stage."""
+    log = tmp_path / "order.txt"
+
+    def step(name, seconds):
+        code = (f"import time, pathlib; p = pathlib.Path({str(log)!r}); p.open('a').write('start {name}\\n'); "
+                f"time.sleep({seconds}); p.open('a').write('end {name}\\n')")
+        return [sys.executable, "-c", code]
+
+    stages = [
+        Stage("slow", step("slow", 3.0), wave=0),
+        Stage("fast", step("fast", 0.1), wave=0),
+        Stage("dependant", step("dependant", 0.1), wave=1, after=("fast",)),
+        Stage("last", step("last", 0.1), wave=2),  # no `after`: every earlier wave
+    ]
+    assert run_pipeline(stages, tmp_path / "out", None, [], jobs=2) == 0
+    order = log.read_text().split("\n")
+    assert order.index("end dependant") < order.index("end slow") < order.index("start last")
+    marker = json.loads((tmp_path / "out" / "stages" / "dependant.json").read_text())
+    assert set(marker["upstream"]) == {"fast"}  # its fingerprint covers what it reads, nothing else
+    assert set(json.loads((tmp_path / "out" / "stages" / "last.json").read_text())["upstream"]) == {
+        "slow", "fast", "dependant"}
