@@ -485,7 +485,7 @@ class CounterfactualEvaluation:
         ground_truth_path: str | None = None,
         measurements_path: str | None = None,
         snapshot_dir: str | None = None,
-        curve_cases: int = 16,
+        curve_cases: int = 8,
         device: str | torch.device = "cpu",
     ) -> None:
         self.dscm_checkpoint = Path(dscm_checkpoint)

@@ -58,7 +58,7 @@ __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
-QUICK_EPOCHS = {"segmentor": 16, "segmentor_eval": 40, "regressor": 20, "dscm": 25, "finetune": 15}
+QUICK_EPOCHS = {"segmentor": 16, "segmentor_eval": 28, "regressor": 20, "dscm": 25, "finetune": 15}
 #: learning rate of the quick CPU fine-tuning: a few hundred CFT steps instead of causal-gen's
 #: thousands at 1e-4 (the finetune.json default).
 QUICK_FINETUNE_LR = 2e-3
@@ -161,6 +161,14 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             after=("prepare",),
         ),
         Stage(
+            "regressor",
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], **common, **ep("regressor")),
+            requires_module="monai_cft.networks.predictors",
+            description="parent regressor (ResNet)",
+            wave=2,
+            after=("prepare",),
+        ),
+        Stage(
             "segmentor_eval",
             _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
                         segmentor_role="eval", **common, **ep("segmentor_eval")),
@@ -169,14 +177,21 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             wave=2,
             after=("prepare",),
         ),
-        Stage(
-            "regressor",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], **common, **ep("regressor")),
-            requires_module="monai_cft.networks.predictors",
-            description="parent regressor (ResNet)",
-            wave=2,
-            after=("prepare",),
-        ),
+    ]
+    for mode in CFT_MODES:
+        stages.append(
+            Stage(
+                f"finetune_{mode}",
+                _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], cft_mode=mode, **common,
+                            **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
+                requires_module="monai_cft.engines.cft_trainer",
+                description=f"counterfactual fine-tuning, mode {mode}",
+                restart_files=[out / "cft_state" / f"cft_{mode}_state.pt"],
+                wave=3,
+                after=("prepare", "dscm", "segmentor_guidance", "regressor"),
+            )
+        )
+    stages += [
         Stage(
             "ground_truth",
             [py, "-m", "monai_cft.data.ground_truth", "--raw", str(raw), "--scpr", str(scpr), "--split", "test",
@@ -196,19 +211,6 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             after=("generate", "prepare", "dscm", "segmentor_guidance", "segmentor_eval"),
         ),
     ]
-    for mode in CFT_MODES:
-        stages.append(
-            Stage(
-                f"finetune_{mode}",
-                _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], cft_mode=mode, **common,
-                            **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
-                requires_module="monai_cft.engines.cft_trainer",
-                description=f"counterfactual fine-tuning, mode {mode}",
-                restart_files=[out / "cft_state" / f"cft_{mode}_state.pt"],
-                wave=3,
-                after=("prepare", "dscm", "segmentor_guidance", "regressor"),
-            )
-        )
     for mode in CFT_MODES:
         stages.append(
             Stage(

@@ -52,7 +52,14 @@ from typing import Any
 import numpy as np
 
 from monai_cft.data.io import atomic_path
-from monai_cft.data.phantom import PhantomConfig, label_voxels, lumen_diameter_mm, phantom_geometry, render_phantom
+from monai_cft.data.phantom import (
+    PhantomConfig,
+    label_voxels,
+    lumen_diameter_mm,
+    phantom_geometry,
+    render_phantom,
+    vessel_geometry,
+)
 from monai_cft.data.presets import get_scpr_preset
 from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, split_variable_name, variable_names
 
@@ -74,8 +81,11 @@ def _roundtrip(affine: np.ndarray, centerline: np.ndarray) -> tuple[np.ndarray, 
     return affine, centerline
 
 
-def render_scpr(params: Mapping[str, Any], preset: str = "quick", with_image: bool = True) -> dict[str, Any]:
+def render_scpr(params: Mapping[str, Any], preset: str = "quick", with_image: bool = True,
+                vessel: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Render a phantom and straighten / measure it exactly as ``synthetic`` + ``prepare`` do on disk.
+
+    ``vessel``: :func:`~monai_cft.data.phantom.vessel_geometry` of the case (reused across edits).
 
     Returns:
         ``{"image": MetaTensor (1, H, W) float32 HU (None without image), "label": MetaTensor (1, H, W)
@@ -87,7 +97,7 @@ def render_scpr(params: Mapping[str, Any], preset: str = "quick", with_image: bo
     from monai_cft.data.prepare import build_prepare_transform
 
     geometry = get_scpr_preset(preset)
-    case = render_phantom(params, with_image=with_image)
+    case = render_phantom(params, with_image=with_image, vessel=vessel)
     affine, centerline = _roundtrip(case.affine, case.centerline)
     keys = ("image", "label") if with_image else ("label",)
     data: dict[str, Any] = {"centerline": centerline}
@@ -109,7 +119,8 @@ class _RegionMeter:
     that the sCPR pixels of its region sample (nearest neighbour, as ``grid_sample`` rounds), on the
     case's sampling plan, which no plaque or calibre edit changes."""
 
-    def __init__(self, params: Mapping[str, Any], preset: str, name: str) -> None:
+    def __init__(self, params: Mapping[str, Any], preset: str, name: str,
+                 vessel: Mapping[str, Any] | None = None) -> None:
         import torch
 
         from monai_cft.transforms.cpr import StraightenCPR
@@ -130,9 +141,10 @@ class _RegionMeter:
         self.vox = idx[inside].flip(-1).long().numpy()  # (M, 3) voxel (x, y, z) of each region pixel
         self.value = DEFAULT_STRUCTURES[struct]
         self.area = geometry["spacing"] ** 2
+        self.vessel = vessel if vessel is not None else vessel_geometry(params)  # no edit changes it
 
     def __call__(self, params: Mapping[str, Any]) -> float:
-        return float(np.count_nonzero(label_voxels(params, self.vox) == self.value)) * self.area
+        return float(np.count_nonzero(label_voxels(params, self.vox, self.vessel) == self.value)) * self.area
 
 
 def _third(params: Mapping[str, Any], region: str) -> tuple[float, float]:
@@ -287,10 +299,11 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
     spacing = get_scpr_preset(preset)["spacing"]
     pixel_area = spacing**2
     current = {k: v for k, v in dict(params).items() if k != "derived"}
+    vessel = vessel_geometry(current)  # plaque and calibre edits leave it as it is
 
     for name, target in intervention.items():
         target = float(target)
-        meter = _RegionMeter(current, preset, name)
+        meter = _RegionMeter(current, preset, name, vessel)
 
         struct, region = split_variable_name(name, list(DEFAULT_STRUCTURES), list(DEFAULT_REGIONS))
         tol = max(tolerance * target, pixel_area)
@@ -327,7 +340,7 @@ def ground_truth_counterfactual(params: Mapping[str, Any], intervention: Mapping
                 attempts.append([dict(p, half_width_deg=180.0) for p in cand])
         current = best[1]
 
-    out = render_scpr(current, preset, with_image=True)
+    out = render_scpr(current, preset, with_image=True, vessel=vessel)
     measured = {n: float(v) for n, v in zip(names, out["variables"])}
     hit = {k: abs(measured[k] - float(t)) <= max(tolerance * float(t), pixel_area) for k, t in intervention.items()}
     return {"image": out["image"], "label": out["label"], "variables": measured, "params": current, "hit": hit}

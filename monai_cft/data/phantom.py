@@ -35,6 +35,7 @@ on a densely resampled centreline) are evaluated against the vessel model.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ __all__ = [
     "fat_mask",
     "phantom_geometry",
     "label_voxels",
+    "vessel_geometry",
 ]
 
 #: version of the parameter format; :func:`render_phantom` refuses other versions.
@@ -666,10 +668,10 @@ def _add_bloom(hu: np.ndarray, vox: np.ndarray, excess: np.ndarray, affine: np.n
     hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += crop
 
 
-def _vessel_frame(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything the vessel model needs besides the voxels: dense centreline, frames, grid, outer radius."""
-    validate_phantom_params(params)
-    geo, lum, img = params["geometry"], params["lumen"], params["imaging"]
+def _vessel_geometry(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the vessel model that only the geometry and imaging parameters fix (dense centreline,
+    frames, grid): unchanged by plaque and calibre edits, so it can be reused across them."""
+    geo, img = params["geometry"], params["imaging"]
     length = float(geo["length_mm"])
     dense, normals = phantom_centerline(params, step=_DENSE_STEP_MM)
     s_dense = np.minimum(np.arange(len(dense)) * _DENSE_STEP_MM, length)
@@ -682,15 +684,31 @@ def _vessel_frame(params: Mapping[str, Any]) -> dict[str, Any]:
     e1 = normals - np.sum(normals * tangent, axis=1, keepdims=True) * tangent
     e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
     e2 = np.cross(tangent, e1)
+    return {"length": length, "dense": dense, "s_dense": s_dense, "centerline": centerline, "affine": affine,
+            "shape": shape, "tangent": tangent, "e1": e1, "e2": e2,
+            "key": json.dumps([params["geometry"], params["imaging"]], sort_keys=True)}
 
+
+def _vessel_frame(params: Mapping[str, Any], vessel: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the vessel model needs besides the voxels: dense centreline, frames, grid, outer radius.
+
+    ``vessel``: a :func:`_vessel_geometry` of parameters with the same geometry and imaging (e.g.
+    the case before a plaque edit), reused instead of recomputed; it is checked to match.
+    """
+    validate_phantom_params(params)
+    if vessel is None:
+        vessel = _vessel_geometry(params)
+    elif vessel["key"] != json.dumps([params["geometry"], params["imaging"]], sort_keys=True):
+        raise ValueError("the cached vessel geometry belongs to other geometry / imaging parameters.")
+    lum = params["lumen"]
+    s_dense = vessel["s_dense"]
     # conservative outer radius of the vessel (lumen + plaque + wall) along the dense centreline
     plaques = list(params.get("plaques", []))
     band_dense = 0.5 * lumen_diameter_mm(params, s_dense) + lum["wall_thickness_mm"] + 0.25
     for p in plaques:
         covered = np.abs(s_dense - p["center_mm"]) < 0.5 * p["length_mm"]
         band_dense[covered] += p["thickness_mm"]
-    return {"length": length, "dense": dense, "s_dense": s_dense, "centerline": centerline, "affine": affine,
-            "shape": shape, "tangent": tangent, "e1": e1, "e2": e2, "band_dense": band_dense, "plaques": plaques}
+    return {**vessel, "band_dense": band_dense, "plaques": plaques}
 
 
 def _vessel_classes(params: Mapping[str, Any], fr: Mapping[str, Any], vox: np.ndarray) -> dict[str, Any]:
@@ -741,13 +759,15 @@ def _vessel_classes(params: Mapping[str, Any], fr: Mapping[str, Any], vox: np.nd
     return {"vox": vox, "index": rows, "cls": cls, "s": s, "t_plaque": t_plaque, "hu_weighted": hu_weighted}
 
 
-def label_voxels(params: Mapping[str, Any], vox: np.ndarray) -> np.ndarray:
+def label_voxels(params: Mapping[str, Any], vox: np.ndarray, vessel: Mapping[str, Any] | None = None) -> np.ndarray:
     """Labels (M,) uint8 of a phantom at voxel indices ``vox`` (M, 3) of its grid, without rendering it.
 
     Equal to ``render_phantom(params).label[vox[:, 0], vox[:, 1], vox[:, 2]]`` for voxels inside the
     grid (the vessel model is evaluated at those voxel centres only); indices outside the grid give 0.
+    ``vessel``: :func:`vessel_geometry` of the same geometry, to skip recomputing it (many edits
+    of one case).
     """
-    fr = _vessel_frame(params)
+    fr = _vessel_frame(params, vessel)
     vox = np.asarray(vox, dtype=np.int64).reshape(-1, 3)
     out = np.zeros(len(vox), dtype=np.uint8)
     valid = np.all((vox >= 0) & (vox < np.asarray(fr["shape"])), axis=1)
@@ -759,19 +779,28 @@ def label_voxels(params: Mapping[str, Any], vox: np.ndarray) -> np.ndarray:
     return out
 
 
-def render_phantom(params: Mapping[str, Any], with_image: bool = True) -> PhantomCase:
+def vessel_geometry(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The geometry part of a phantom's vessel model, reusable by :func:`label_voxels` and
+    :func:`render_phantom` for parameters that differ only in plaques and lumen calibre."""
+    validate_phantom_params(params)
+    return _vessel_geometry(params)
+
+
+def render_phantom(params: Mapping[str, Any], with_image: bool = True,
+                   vessel: Mapping[str, Any] | None = None) -> PhantomCase:
     """Render the volume, label map, affine and centreline of one phantom.
 
     Args:
         params: parameters from :func:`sample_phantom_params` (or loaded from its JSON file).
         with_image: ``False`` skips the HU image (tissue, noise and blur) and returns an empty
             ``image`` array; the label, affine and centreline are identical to a full render.
+        vessel: :func:`vessel_geometry` of parameters with the same geometry and imaging, reused.
 
     Returns:
         :class:`PhantomCase` with ``image`` (X, Y, Z) int16 HU, ``label`` (X, Y, Z) uint8,
         ``affine`` (4, 4) voxel -> world mm (RAS) and the 0.5 mm centreline (N, 3) world mm.
     """
-    fr = _vessel_frame(params)
+    fr = _vessel_frame(params, vessel)
     tis, img = params["tissue"], params["imaging"]
     length, affine, shape, centerline = fr["length"], fr["affine"], fr["shape"], fr["centerline"]
 
