@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from monai_cft.metrics.response import gap_closure
+from monai_cft.metrics.summary import finite_median
 from monai_cft.utils.checkpoint import load_checkpoint
 
 __all__ = ["list_snapshots", "snapshot_curves", "save_curves_figure", "curves_section"]
@@ -36,14 +37,6 @@ def list_snapshots(snapshot_dir: str | os.PathLike | None) -> list[tuple[int, Pa
         return []
     found = [(int(m.group(1)), p) for p in Path(snapshot_dir).iterdir() if (m := _NAME.search(p.name))]
     return sorted(found)
-
-
-def _median(values: Sequence[float]) -> float:
-    v = sorted(x for x in values if not math.isnan(x))
-    if not v:
-        return math.nan
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
 
 def snapshot_curves(scm: Any, snapshots: Sequence[tuple[int, Path]], evaluate: Callable[..., tuple[list, dict]],
@@ -92,8 +85,8 @@ def snapshot_curves(scm: Any, snapshots: Sequence[tuple[int, Path]], evaluate: C
         "err_ground_truth": gts,
         "gap_closure": gc,
         "slope": slopes,
-        "median_gap_closure": [_median([gc[v][i] for v in gc]) for i in range(len(iters))],
-        "median_slope": [_median([slopes[v][i] for v in slopes]) for i in range(len(iters))],
+        "median_gap_closure": [finite_median([gc[v][i] for v in gc]) for i in range(len(iters))],
+        "median_slope": [finite_median([slopes[v][i] for v in slopes]) for i in range(len(iters))],
     }
 
 

@@ -34,6 +34,7 @@ from monai_cft.benchmark_report import measurements_section, validity_section
 from monai_cft.cft_curves import curves_section
 
 from monai_cft.metrics.response import gap_closure
+from monai_cft.metrics.summary import finite_median
 
 __all__ = [
     "EFFECTIVENESS_COLUMNS",
@@ -220,12 +221,7 @@ def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def _median(values) -> float:
-    vals = sorted(_finite(values))
-    if not vals:
-        return math.nan
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+_median = finite_median
 
 
 def _interventions(structures: Sequence[str], regions: Sequence[str]) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ import torch
 
 from monai_cft.data.io import save_json
 from monai_cft.metrics.calcium import CalciumThreshold, calcium_areas
-from monai_cft.metrics.effectiveness import segmentor_probabilities
+from monai_cft.metrics.effectiveness import measure_with_segmentor, segmentor_probabilities
 from monai_cft.metrics.segmentation import dice_per_structure
 from monai_cft.transforms.regions import context_pixels
 
@@ -96,7 +96,6 @@ def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, A
     from monai_cft.inference import hu_to_unit, load_segmentor
     from monai_cft.metrics.response import parent_sensitivity
     from monai_cft.networks.dscm import DeepSCM
-    from monai_cft.transforms.measures import measure_structures
 
     config = data["config"]
     scm = DeepSCM.from_checkpoint(dscm_path).eval()
@@ -106,9 +105,7 @@ def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, A
     element = float(config["spacing"]) ** 2
 
     def measure(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            probs = segmentor_probabilities(seg, x, data["region_masks"], context)
-        return measure_structures(probs, data["region_masks"], channels, element).flatten(1)
+        return measure_with_segmentor(seg, x, data["region_masks"], channels, element, context=context).flatten(1)
 
     images = hu_to_unit(data["images"], config["hu_window"])
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 
 from monai_cft.metrics._utils import check_positive_int
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "finite_median"]
 
 _CI_METHODS = ("normal", "bootstrap")
 
@@ -75,3 +75,12 @@ def summarize(
             low[c], high[c] = torch.quantile(col[idx].mean(1), q)
         low, high = low.reshape(x.shape[1:]), high.reshape(x.shape[1:])
     return {"mean": mean, "std": std, "ci_low": low, "ci_high": high, "n": n}
+
+
+def finite_median(values) -> float:
+    """Median of the finite entries of ``values`` (None, NaN and inf skipped) as a float; NaN if none."""
+    vals = sorted(float(v) for v in values if v is not None and math.isfinite(float(v)))
+    if not vals:
+        return math.nan
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
