@@ -36,7 +36,7 @@ def measured(rows):
 
 def test_scpr_section_agrees_with_scipy(bench, single_thread):
     args = tiny_args(bench, "--scpr-presets", "quick")
-    rows = bench.scpr_measurements(args)
+    rows = bench.scpr.scpr_measurements(args)
     done = measured(rows)
     # SciPy, transform and batched for plan + sample; SciPy and plan.sample for sample only; per out_dims
     assert len(done) == 2 * 5
@@ -47,20 +47,20 @@ def test_scpr_section_agrees_with_scipy(bench, single_thread):
     gpu_rows = [r for r in rows if r["setting"].startswith("CUDA")]
     assert len(gpu_rows) == 4
     if not torch.cuda.is_available():
-        assert all(r["note"] == bench.NO_GPU for r in gpu_rows)
-    text = bench.scpr_markdown(rows, args)
+        assert all(r["note"] == bench.harness.NO_GPU for r in gpu_rows)
+    text = bench.scpr.scpr_markdown(rows, args)
     assert text.count("\n| quick (tiny) |") == len(rows)
     assert "grid-constant" in text
 
 
 def test_batched_straightening_matches_transform_with_padded_columns(bench, single_thread):
     """Two volumes of different shapes, a field of view longer than the vessels (padded columns)."""
-    cases = bench.phantom_volumes(2, seed=3)
+    cases = bench.scpr.phantom_volumes(2, seed=3)
     assert cases[0]["image"].shape != cases[1]["image"].shape
     for out_dims in (2, 3):
         cpr = StraightenCPR((6, 90), 2.0, padding_value=-1024.0, out_dims=out_dims)  # 180 mm > any vessel
         images, lines = [c["image"] for c in cases], [c["centerline"] for c in cases]
-        batched = bench.straighten_batched(cpr, images, lines)
+        batched = bench.scpr.straighten_batched(cpr, images, lines)
         for i, (img, line) in enumerate(zip(images, lines)):
             single = cpr(img, line)
             assert single.meta["scpr_valid_columns"] < 90
@@ -68,52 +68,52 @@ def test_batched_straightening_matches_transform_with_padded_columns(bench, sing
             torch.testing.assert_close(batched[i], single.as_tensor(), atol=0.05, rtol=0)
             # and the SciPy reference on the same world grid
             plan = cpr.plan(line, img.affine, img.shape[1:])
-            vox = bench.world_to_voxel(plan.grid_world.numpy(), img.affine.numpy())
-            ref = bench.scipy_sample(img.as_tensor()[0].numpy(), vox, 90, -1024.0)
+            vox = bench.scpr.world_to_voxel(plan.grid_world.numpy(), img.affine.numpy())
+            ref = bench.scpr.scipy_sample(img.as_tensor()[0].numpy(), vox, 90, -1024.0)
             assert np.abs(ref - single[0].numpy()).max() < 0.05
 
 
 def test_training_section(bench, single_thread):
     args = tiny_args(bench, "--train-presets", "quick", "--cft-modes", "reg", "seg", "pos_seg")
-    rows = bench.training_measurements(args)
+    rows = bench.training.training_measurements(args)
     done = measured(rows)
     assert [r["kind"] for r in done] == ["dscm", "reg", "seg", "pos_seg"]
     for r in done:
         assert r["iterations"] == 2 and r["images_per_s"] > 0 and r["peak_mib"] >= 0
         assert r["trainable"] > 0
         assert (r["frozen"] > 0) == (r["kind"] != "dscm")
-    text = bench.training_markdown(rows, args)
+    text = bench.training.training_markdown(rows, args)
     assert "DSCMTrainer" in text and "CFT `pos_seg`" in text
 
 
 def test_inference_section(bench, single_thread):
     args = tiny_args(bench, "--inference-presets", "quick", "--inference-batches", "1", "3", "--particles", "1", "2")
-    rows = bench.inference_measurements(args)
+    rows = bench.inference.inference_measurements(args)
     done = measured(rows)
     assert [(r["batch"], r["particles"]) for r in done] == [(1, 1), (1, 2), (3, 1), (3, 2)]
     for r in done:
         assert r["ms_per_image"] == pytest.approx(1000.0 * r["seconds"] / r["batch"])
-    assert "ms / image" in bench.inference_markdown(rows, args)
+    assert "ms / image" in bench.inference.inference_markdown(rows, args)
 
 
 def test_inference_skips_configurations_over_the_cap(bench, single_thread):
     args = tiny_args(bench, "--inference-presets", "quick", "--inference-batches", "1", "--particles", "1", "100000",
                      "--config-cap", "1")
-    rows = bench.inference_measurements(args)
+    rows = bench.inference.inference_measurements(args)
     skipped = [r for r in rows if r.get("note", "").startswith("skipped")]
     assert [(r["batch"], r["particles"]) for r in skipped] == [(1, 100000)]
 
 
 def test_estimate_from_other_setting(bench):
     measured_s = {"a": {"1": 1.0, "2": 3.0}, "b": {"1": 2.0, "2": 10.0}, "c": {"1": 4.0}}
-    seconds, ratio = bench.estimate_from_other_setting(measured_s, "c", "2", "1")
+    seconds, ratio = bench.harness.estimate_from_other_setting(measured_s, "c", "2", "1")
     assert ratio == pytest.approx(4.0) and seconds == pytest.approx(16.0)
-    assert bench.estimate_from_other_setting({"c": {"1": 4.0}}, "c", "2", "1") is None
+    assert bench.harness.estimate_from_other_setting({"c": {"1": 4.0}}, "c", "2", "1") is None
 
 
 def test_quickstart_section(bench, tmp_path):
     args = tiny_args(bench, "--outputs-dir", str(tmp_path))
-    assert "has not been run" in bench.bench_quickstart(args)
+    assert "has not been run" in bench.quickstart.bench_quickstart(args)
     stages = tmp_path / "stages"
     stages.mkdir()
     for name, seconds, finished in (("dscm", 600.0, "2026-01-01T10:10:50"), ("generate", 30.5, "2026-01-01T10:00:30"),
@@ -121,14 +121,14 @@ def test_quickstart_section(bench, tmp_path):
         cmd = ["python", "-m", "x", "--preset", "quick"] if name == "prepare" else ["python", "--num-cases", "600"]
         (stages / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds, "command": cmd,
                                                          "finished": finished}))
-    text = bench.bench_quickstart(args)
+    text = bench.quickstart.bench_quickstart(args)
     assert text.index("`generate`") < text.index("`prepare`") < text.index("`dscm`")  # pipeline order
     assert "**650.5**" in text and "cases 600" in text and "preset quick" in text
     assert "| **wall clock with a stage running** |  | **650.5** |" in text  # 09:59:59.5 to 10:10:50, no gap
     assert "`finetune_pos_seg`" in text  # listed as missing
     (stages / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
-        bench.read_stage_times(tmp_path)
+        bench.quickstart.read_stage_times(tmp_path)
 
 
 def test_tiny_numbers_cannot_be_written_to_the_docs(bench, tmp_path):
@@ -150,14 +150,14 @@ def test_thread_scaling_note(bench):
             {"kind": "b", "setting": "CPU, 1 thread", "seconds": 2.0},
             {"kind": "b", "setting": "CPU, 2 threads", "seconds": 1.0},
             {"kind": "c", "setting": "CPU, 2 threads", "note": "skipped"}]
-    note = bench.thread_scaling_note(rows, ("kind",), [1, 2])
+    note = bench.harness.thread_scaling_note(rows, ("kind",), [1, 2])
     assert "1.75x" in note and "range 0.50-3.00" in note and "slower" in note
-    assert bench.thread_scaling_note(rows[2:4], ("kind",), [1, 2]).count("slower") == 0
-    assert bench.thread_scaling_note(rows, ("kind",), [1]) == ""
+    assert bench.harness.thread_scaling_note(rows[2:4], ("kind",), [1, 2]).count("slower") == 0
+    assert bench.harness.thread_scaling_note(rows, ("kind",), [1]) == ""
 
 
 def test_predict_call_seconds(bench):
     seconds = {(1, 1): 0.5, (1, 8): 3.0, (32, 1): 8.0}
-    assert bench.predict_call_seconds(seconds, 32, 8) == pytest.approx(64.0)  # from (32, 1), the largest
-    assert bench.predict_call_seconds({(1, 1): 0.5}, 32, 8) == pytest.approx(128.0)
-    assert bench.predict_call_seconds({}, 1, 1) is None
+    assert bench.inference.predict_call_seconds(seconds, 32, 8) == pytest.approx(64.0)  # from (32, 1), the largest
+    assert bench.inference.predict_call_seconds({(1, 1): 0.5}, 32, 8) == pytest.approx(128.0)
+    assert bench.inference.predict_call_seconds({}, 1, 1) is None
