@@ -370,8 +370,9 @@ def test_out_dims_3_gives_a_disc_cross_section_and_matches_the_planes(oblique):
     mid = (height - 1) // 2
     plane, _ = straighten_pair(img, lab, tube.curve, (height, width), 30.0)
     plane90, _ = straighten_pair(img, lab, tube.curve, (height, width), 120.0)
-    torch.testing.assert_close(out_img[:, :, mid, :].as_tensor(), plane.as_tensor(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out_img[:, mid, :, :].as_tensor(), plane90.as_tensor(), atol=1e-5, rtol=0)
+    # (float32 coordinates of the 3D sampler's slice mosaic: about 1e-5 voxel)
+    torch.testing.assert_close(out_img[:, :, mid, :].as_tensor(), plane.as_tensor(), atol=5e-5, rtol=0)
+    torch.testing.assert_close(out_img[:, mid, :, :].as_tensor(), plane90.as_tensor(), atol=5e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,23 +500,23 @@ def test_partially_outside_centerline_is_padded_and_mostly_outside_is_an_error()
         cpr(img, np.array([[10.0, 8.0, 8.0], [60.0, 8.0, 8.0]]))
 
 
-def test_dict_version_matches_array_version_with_one_grid_sample_per_mode(oblique, monkeypatch, tmp_path):
+def test_dict_version_matches_array_version_with_one_plan_per_centerline(oblique, monkeypatch, tmp_path):
     tube, img, lab = oblique
-    calls = []
-    original = cpr_module.F.grid_sample
+    plans = []
+    original = cpr_module.SCPRGeometry
 
-    def counting(inp, grid, **kw):
-        calls.append((tuple(inp.shape), kw["mode"]))
-        return original(inp, grid, **kw)
+    def counting(*args, **kw):
+        plans.append(args[2])
+        return original(*args, **kw)
 
-    monkeypatch.setattr(cpr_module.F, "grid_sample", counting)
+    monkeypatch.setattr(cpr_module, "SCPRGeometry", counting)
     other = MetaTensor(img.as_tensor()[:1] * 2.0, affine=img.affine)
     data = {"image": img, "label": lab, "other": other, "centerline": torch.as_tensor(tube.curve)}
     tr = StraightenCPRd(keys=("image", "label", "other"), output_size=(16, 112), spacing=SP, angle=10.0,
                         mode=("bilinear", "nearest", "bilinear"), padding_value=(-1024.0, 0, 3.0))
     d = tr(data)
-    assert sorted(calls) == [((1, 1, 64, 64, 64), "nearest"), ((1, 3, 64, 64, 64), "bilinear")]
-    monkeypatch.setattr(cpr_module.F, "grid_sample", original)
+    assert len(plans) == 1  # the geometry is planned once and shared by the keys
+    monkeypatch.setattr(cpr_module, "SCPRGeometry", original)
     ref_img = StraightenCPR((16, 112), SP, 10.0, "bilinear", -1024.0)(img, tube.curve)
     ref_lab = StraightenCPR((16, 112), SP, 10.0, "nearest", 0)(lab, tube.curve)
     ref_other = StraightenCPR((16, 112), SP, 10.0, "bilinear", 3.0)(other, tube.curve)

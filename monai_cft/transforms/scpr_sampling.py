@@ -1,0 +1,287 @@
+"""Sampling a volume on the ruled grid of an sCPR at a cost proportional to the samples.
+
+An sCPR samples ``c[w] + a_i n[w]`` (a plane) or ``c[w] + a_i n[w] + a_j b[w]`` (a straightened
+volume): ``c`` the resampled centreline, ``n`` / ``b`` the (rotated) frame vectors, ``a`` the
+offsets across the vessel. :class:`RuledGrid` holds these factors in voxel coordinates of the
+volume; its bounding box follows exactly from them (a linear function over a square takes its
+extremes at the corners), so nothing of the size of the volume is ever touched:
+
+* sparse sampling (fewer than ``8 x points`` voxels in the bounding box, e.g. a 2D sCPR of a curved
+  vessel): the eight neighbours of every point are gathered from the volume as it is stored (int16
+  included, any strides), no copy or dtype conversion of the volume;
+* dense sampling (a 3D sCPR): the bounding box (plus the interpolation margin) is copied once, in
+  the compute dtype, and sampled with ``grid_sample``. On the CPU the copy is laid out as a 2D
+  mosaic of z-slices with the next slice as a second channel, so that the vectorized 2D kernel does
+  the work and one ``lerp`` finishes the trilinear interpolation (the 3D kernel is scalar and runs on
+  one thread); on CUDA the 3D kernel samples the box directly.
+
+Both give constant padding with interpolation across the border (SciPy's ``grid-constant``): a
+point half a voxel outside mixes the border voxel with the padding value. Sampling runs in float32
+(float64 for float64 volumes) with autocast disabled, and on the CPU with a thread count chosen for
+the work size and the cores that are free right now (never more than torch's setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RuledGrid", "sample_ruled", "sample_ruled_batch", "sampling_threads"]
+
+#: below this many gathered values per call, sampling runs on one thread (threads cost more than they give).
+PARALLEL_WORK = 1 << 19
+
+
+def free_cores() -> int:
+    """Cores of this process's affinity not running another task now (``/proc/loadavg``), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])  # runnable tasks, this one included
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return cores
+    return max(1, min(cores, cores - (running - 1)))
+
+
+@contextlib.contextmanager
+def sampling_threads(work: int) -> Iterator[int]:
+    """Run the block with the torch intra-op threads suited to ``work`` (values computed), restoring them.
+
+    One thread below :data:`PARALLEL_WORK`; above it, torch's current count capped by :func:`free_cores`
+    (on a busy machine a thread waiting for a core costs every parallel region its time slice).
+    """
+    before = torch.get_num_threads()
+    want = 1 if work < PARALLEL_WORK else max(1, min(before, free_cores()))
+    if want != before:
+        torch.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        if want != before:
+            torch.set_num_threads(before)
+
+
+class RuledGrid:
+    """The points ``c[w] + a_i u[w]`` (2D) or ``c[w] + a_i u[w] + a_j v[w]`` (3D) of an sCPR.
+
+    Args:
+        c, u, v: (Wv, 3) float64 tensors: origin (the centreline) and the two directions per column,
+            in any linear coordinates (world mm or voxel indices; ``u``, ``v`` per mm of offset).
+        offsets: (H,) float64 offsets ``a`` across the vessel (mm).
+        out_dims: 2 (points (H, Wv)) or 3 (points (H, H, Wv)).
+    """
+
+    def __init__(self, c: torch.Tensor, u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, out_dims: int):
+        self.c, self.u, self.v, self.offsets, self.out_dims = c, u, v, offsets, out_dims
+        h, wv = offsets.numel(), c.shape[0]
+        self.shape: tuple[int, ...] = (h, wv) if out_dims == 2 else (h, h, wv)
+        self.count = math.prod(self.shape)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3,) float64 minimum and maximum of every coordinate over all points (exact up to rounding)."""
+        reach = self.offsets.abs().max()
+        spread = reach * (self.u.abs() + (self.v.abs() if self.out_dims == 3 else 0.0))
+        return (self.c - spread).min(0).values, (self.c + spread).max(0).values
+
+    def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   shift: Sequence[float] = (0.0, 0.0, 0.0)) -> list[torch.Tensor]:
+        """The three coordinates of every point minus ``shift``, each a contiguous ``shape`` tensor."""
+        a = self.offsets.view(-1, 1)
+        out = []
+        for k in range(3):
+            plane = (self.c[:, k] - shift[k]).view(1, -1) + a * self.u[:, k].view(1, -1)  # (H, Wv), float64
+            plane = plane.to(device=device, dtype=dtype)
+            if self.out_dims == 3:
+                vk = self.v[:, k].to(device=device, dtype=dtype).view(1, 1, -1)
+                ak = self.offsets.to(device=device, dtype=dtype).view(1, -1, 1)
+                plane = torch.addcmul(plane.unsqueeze(1), ak, vk)  # (H, H, Wv)
+            out.append(plane)
+        return out
+
+    def points(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(*shape, 3)`` tensor of the points."""
+        return torch.stack(self.components(dtype, device), -1)
+
+    def count_inside(self, spatial_shape: Sequence[int]) -> int:
+        """Points within half a voxel of the volume ``[-0.5, N - 0.5]`` (the grid in voxel coordinates)."""
+        lo, hi = self.bounds()
+        size = torch.as_tensor(list(spatial_shape), dtype=torch.float64)
+        if bool((lo >= -0.5).all() and (hi <= size - 0.5).all()):
+            return self.count
+        inside = torch.ones(self.shape, dtype=torch.bool)
+        for k, comp in enumerate(self.components(torch.float64)):
+            inside &= (comp >= -0.5) & (comp <= float(size[k]) - 0.5)
+        return int(inside.sum())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _storage_view(x: torch.Tensor) -> torch.Tensor:
+    """A 1D view of all elements reachable by ``x``'s strides (index ``sum(i_k * stride_k)``)."""
+    span = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+    return torch.as_strided(x, (span,), (1,), x.storage_offset())
+
+
+def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, fast: bool) -> torch.Tensor:
+    """Sample (C, X, Y, Z) ``x`` at the points by gathering their neighbours; (C, count) compute dtype.
+
+    ``fast``: every neighbour is inside the volume (no masks needed)."""
+    compute = _compute_dtype(x.dtype)
+    channels, shape, strides = x.shape[0], x.shape[1:], x.stride()
+    flat = _storage_view(x)
+    comps = [c.reshape(-1) for c in grid.components(torch.float64, x.device)]
+    chan = (torch.arange(channels, device=x.device) * strides[0]).view(-1, *([1] * (2 if mode == "nearest" else 4)))
+    pad = padding.to(device=x.device, dtype=compute)
+    if mode == "nearest":
+        lin, inside = 0, None
+        for k, comp in enumerate(comps):
+            r = torch.round(comp).long()
+            if not fast:
+                ok = (r >= 0) & (r <= shape[k] - 1)
+                inside = ok if inside is None else inside & ok
+                r = r.clamp(0, shape[k] - 1)
+            lin = lin + r * strides[k + 1]
+        vals = flat[lin.unsqueeze(0) + chan.view(-1, 1)].to(compute)  # (C, P)
+        return vals if fast else torch.where(inside, vals, pad.view(-1, 1))
+    lins, weights, masks = [], [], []
+    for k, comp in enumerate(comps):
+        f = torch.floor(comp)
+        frac = (comp - f).to(compute)
+        idx = torch.stack([f.long(), f.long() + 1], 1)  # (P, 2)
+        if not fast:
+            masks.append((idx >= 0) & (idx <= shape[k] - 1))
+            idx = idx.clamp(0, shape[k] - 1)
+        lins.append(idx * strides[k + 1])
+        weights.append(torch.stack([1.0 - frac, frac], 1))
+    lin = lins[0].view(-1, 2, 1, 1) + lins[1].view(-1, 1, 2, 1) + lins[2].view(-1, 1, 1, 2)  # (P, 2, 2, 2)
+    w = (weights[0].view(-1, 2, 1, 1) * weights[1].view(-1, 1, 2, 1)) * weights[2].view(-1, 1, 1, 2)
+    vals = flat[lin.unsqueeze(0) + chan].to(compute)  # (C, P, 2, 2, 2)
+    if not fast:
+        inside = masks[0].view(-1, 2, 1, 1) & masks[1].view(-1, 1, 2, 1) & masks[2].view(-1, 1, 1, 2)
+        vals = torch.where(inside, vals, pad.view(-1, 1, 1, 1, 1))
+    return torch.einsum("cpk,pk->cp", vals.reshape(channels, -1, 8), w.reshape(-1, 8))
+
+
+def crop_box(grid: RuledGrid, spatial_shape: Sequence[int]) -> tuple[list[int], list[int], bool]:
+    """Voxel box ``[lo, hi]`` (inclusive) holding every interpolation neighbour, clipped to one voxel
+    beyond the volume, and whether some points lie beyond that clipped box (they need clamping)."""
+    lo, hi = grid.bounds()
+    lo_i = [max(int(math.floor(float(v))), -1) for v in lo]
+    hi_i = [min(int(math.floor(float(v))) + 1, n) for v, n in zip(hi, spatial_shape)]
+    beyond = any(float(lo[k]) < lo_i[k] or float(hi[k]) > hi_i[k] for k in range(3))
+    return lo_i, hi_i, beyond
+
+
+def _copy_box(dst: torch.Tensor, x: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> None:
+    """``dst`` (C, box) = the part of ``x`` (C, X, Y, Z) inside the box starting at ``lo`` (rest untouched)."""
+    src, dst_sl = [slice(None)], [slice(None)]
+    for k in range(3):
+        a, b = max(lo[k], 0), min(hi[k], x.shape[k + 1] - 1)
+        src.append(slice(a, b + 1))
+        dst_sl.append(slice(a - lo[k], b - lo[k] + 1))
+    dst[tuple(dst_sl)] = x[tuple(src)]
+
+
+def sample_ruled_batch(items: Sequence[tuple[torch.Tensor, RuledGrid]], mode: str, padding: float | torch.Tensor
+                       ) -> list[torch.Tensor]:
+    """Sample every ``(x, grid)`` pair ((C, X, Y, Z) volumes, same C, on one device) with ONE 3D
+    ``grid_sample`` call: each pair's box is copied into one (N, C, block) array filled with
+    ``padding`` (one value or (C,)), and ``padding_mode="border"`` clamps points beyond a clipped box
+    onto padding voxels. Returns (C, *grid.shape) tensors (float32, float64 if all are float64).
+    Autocast is disabled inside (AMP-safe)."""
+    if len({x.shape[0] for x, _ in items}) != 1:
+        raise ValueError(f"all volumes of a batch need the same channels, got {[x.shape[0] for x, _ in items]}.")
+    device, channels = items[0][0].device, items[0][0].shape[0]
+    compute = torch.float64 if all(x.dtype == torch.float64 for x, _ in items) else torch.float32
+    boxes = [crop_box(grid, x.shape[1:])[:2] for x, grid in items]
+    block = [max(h[k] - l_[k] + 1 for l_, h in boxes) for k in range(3)]
+    pad = torch.as_tensor(padding, dtype=compute).reshape(-1).expand(channels).to(device)
+    count = max(grid.count for _, grid in items)
+    with torch.autocast(device.type, enabled=False):
+        data = pad.view(1, -1, 1, 1, 1).repeat(len(items), 1, *block)
+        coords = torch.zeros(len(items), count, 3, dtype=compute, device=device)
+        for i, ((x, grid), (lo, hi)) in enumerate(zip(items, boxes)):
+            _copy_box(data[i], x, lo, hi)
+            for k, comp in enumerate(grid.components(compute, device, shift=lo)):
+                coords[i, : grid.count, 2 - k] = comp.reshape(-1) * (2.0 / (block[k] - 1)) - 1.0  # (z, y, x)
+        out = F.grid_sample(data, coords.view(len(items), 1, 1, count, 3), mode=mode, padding_mode="border",
+                            align_corners=True).view(len(items), channels, count)
+    return [out[i, :, : grid.count].reshape(channels, *grid.shape) for i, (_, grid) in enumerate(items)]
+
+
+def _sample_box_cpu(x: torch.Tensor, grid: RuledGrid, mode: str, pad: torch.Tensor, lo: list[int],
+                    hi: list[int], clamp: bool) -> torch.Tensor:
+    """The box as a mosaic of z-slices (T tiles per row), sampled with the vectorized 2D kernel."""
+    compute = _compute_dtype(x.dtype)
+    channels = x.shape[0]
+    sx, sy, sz = (h - l_ + 1 for l_, h in zip(lo, hi))
+    tiles = math.ceil(math.sqrt(sz))
+    rows = math.ceil(sz / tiles)
+    blocks = 1 if mode == "nearest" else 2  # bilinear: slice z and slice z + 1 as two channel blocks
+    mosaic = pad.view(1, -1, 1, 1, 1, 1).repeat(blocks, 1, rows, sx, tiles, sy)  # (B, C, rows, X, tiles, Y)
+    z0, z1 = max(lo[2], 0), min(hi[2], x.shape[3] - 1)
+    for block in range(blocks):
+        for r in range(rows):  # the slices of tile row r that lie in the volume
+            a, b = max(r * tiles + block, z0 - lo[2]), min((r + 1) * tiles + block, z1 - lo[2] + 1)
+            if a >= b:
+                continue
+            part = mosaic[block, :, r, :, a - r * tiles - block : b - r * tiles - block, :].permute(0, 1, 3, 2)
+            _copy_box(part, x[..., lo[2] + a : lo[2] + b], [lo[0], lo[1], 0], [hi[0], hi[1], b - a - 1])
+    gx, gy, gz = grid.components(compute, x.device, shift=lo)
+    if clamp:
+        gx, gy, gz = gx.clamp(0, sx - 1), gy.clamp(0, sy - 1), gz.clamp(0, sz - 1)
+    zi = torch.round(gz) if mode == "nearest" else torch.floor(gz).clamp(max=sz - 1)
+    tile_row = torch.floor(zi / tiles)
+    tile_col = zi - tile_row * tiles
+    height, width = rows * sx - 1, tiles * sy - 1
+    g = torch.stack([(gy + tile_col * sy) * (2.0 / max(width, 1)) - 1.0,
+                     (gx + tile_row * sx) * (2.0 / max(height, 1)) - 1.0], -1)
+    image = mosaic.view(blocks * channels, rows * sx, tiles * sy).unsqueeze(0)
+    out = F.grid_sample(image, g.view(1, -1, grid.shape[-1], 2), mode=mode, padding_mode="zeros",
+                        align_corners=True)[0]  # (B * C, rows, Wv)
+    out = out.reshape(blocks, channels, -1)
+    if mode == "nearest":
+        return out[0]
+    return torch.lerp(out[0], out[1], (gz - zi).reshape(1, -1))
+
+
+def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor,
+                 strategy: str = "auto") -> torch.Tensor:
+    """Sample a channel-first (C, X, Y, Z) tensor (any dtype, any strides) at the points of ``grid``
+    (voxel coordinates); ``mode`` ``"bilinear"`` (trilinear) or ``"nearest"``; ``padding`` (C,) the
+    value outside the volume. ``strategy``: ``"auto"``, ``"gather"`` or ``"box"`` (see the module
+    docstring; all give the same values up to float rounding). Returns (C, *grid.shape) in float32
+    (float64 for float64 input)."""
+    if strategy not in ("auto", "gather", "box"):
+        raise ValueError(f"strategy must be 'auto', 'gather' or 'box', got {strategy!r}.")
+    shape = x.shape[1:]
+    lo_i, hi_i, beyond = crop_box(grid, shape)
+    box_voxels = math.prod(max(h - l_ + 1, 1) for l_, h in zip(lo_i, hi_i))
+    neighbours = 1 if mode == "nearest" else 8
+    if strategy == "auto":
+        strategy = "gather" if grid.count * neighbours <= box_voxels else "box"
+    ctx = sampling_threads(grid.count * neighbours * x.shape[0]) if x.device.type == "cpu" else contextlib.nullcontext()
+    with ctx, torch.autocast(x.device.type, enabled=False):
+        if strategy == "gather":
+            lo, hi = grid.bounds()
+            size = torch.as_tensor(list(shape), dtype=torch.float64)
+            if mode == "nearest":
+                fast = bool((lo > -0.5).all() and (hi < size - 0.5).all())
+            else:
+                fast = bool((lo >= 0).all() and (hi < size - 1).all())
+            out = _gather(x, grid, mode, padding, fast)
+        elif x.device.type != "cpu":
+            out = sample_ruled_batch([(x, grid)], mode, padding)[0]
+        else:
+            out = _sample_box_cpu(x, grid, mode, padding.to(_compute_dtype(x.dtype)), lo_i, hi_i, beyond)
+    return out.view(x.shape[0], *grid.shape)
