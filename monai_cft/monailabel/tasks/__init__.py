@@ -1,0 +1,1 @@
+"""The monai-cft MONAI Label tasks (each needs MONAI Label installed)."""
