@@ -53,6 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monai_cft.utils.cli import count_arg, number_arg, run_cli
+
 __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
@@ -465,9 +467,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     root = _repo_root()
     p = argparse.ArgumentParser(prog="python -m monai_cft.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="quick", choices=("quick", "paper"), help="sCPR and network size preset")
-    p.add_argument("--num-cases", type=int, default=600, help="number of synthetic cases to generate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--num-cases", type=count_arg(1), default=600, help="number of synthetic cases to generate")
+    p.add_argument("--seed", type=count_arg(0), default=0)
+    p.add_argument("--workers", type=count_arg(1), default=os.cpu_count() or 1)
     p.add_argument("--device", default="", help="torch device for the bundle stages (default: cuda if available, else cpu)")
     p.add_argument("--data-dir", default=str(root / "data"), help="where raw/ and scpr_<preset>/ are written")
     p.add_argument("--output-dir", default=str(root / "outputs"), help="models, logs, evaluation and report.md")
@@ -475,11 +477,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", default=json.dumps(QUICK_EPOCHS),
                    help="JSON dict of max_epochs per stage kind (segmentor, segmentor_eval, regressor, dscm, finetune); the default "
                         "is the CPU schedule of the quick preset, '{}' keeps the bundle configs' own values")
-    p.add_argument("--finetune-lr", type=float, default=QUICK_FINETUNE_LR,
+    p.add_argument("--finetune-lr", type=number_arg(0.0), default=QUICK_FINETUNE_LR,
                    help="learning rate of the CFT stages (0 keeps finetune.json's own value)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--jobs", type=count_arg(1), default=os.cpu_count() or 1,
                    help="stages of one wave run at once (default: the number of cores)")
-    p.add_argument("--torch-threads", type=int, default=None,
+    p.add_argument("--torch-threads", type=count_arg(1), default=None,
                    help="torch threads per bundle stage (default: 1 when --jobs > 1, else torch's default)")
     p.add_argument("--stages", nargs="*", default=None, help="run only these stages (default: all)")
     p.add_argument("--force", nargs="*", default=[], help="re-run these finished stages ('all' for every stage)")
@@ -504,4 +506,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,6 +17,7 @@ counterfactuals with the fitted threshold).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from monai_cft.metrics.calcium import CalciumThreshold, calcium_areas
 from monai_cft.metrics.effectiveness import measure_with_segmentor, segmentor_probabilities
 from monai_cft.metrics.segmentation import dice_per_structure
 from monai_cft.transforms.regions import context_pixels
+from monai_cft.utils.cli import run_cli
 
 __all__ = ["load_split_arrays", "evaluate_segmentor", "evaluate_measurements", "main"]
 
@@ -110,6 +112,8 @@ def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, A
     images = hu_to_unit(data["images"], config["hu_window"])
     torch.manual_seed(0)
     slopes = parent_sensitivity(scm, measure, images, data["variables"].float(), list(config["variables"]))
+    # null where no slope is defined (fewer than 2 cases, or a variable without variation)
+    slopes = {name: (v if math.isfinite(v) else None) for name, v in slopes.items()}
     return {"model": str(dscm_path), "slopes": slopes,
             "description": "response slope of the evaluation segmentor's change on the parent change when each test "
                            "case's latents are decoded with another case's parents (1: follows its parents, 0: "
@@ -184,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{r} {v:.2f}" for r, v in c["test_mae_mm2"].items()) + " mm^2")
     if "parent_sensitivity" in res:
         print("pretrained DSCM parent sensitivity (slope under shuffled parents): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in res["parent_sensitivity"]["slopes"].items()))
+            f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in res["parent_sensitivity"]["slopes"].items()))
     if "rendered_hu" in res:
         from monai_cft.data.fidelity import hu_table_markdown
 
@@ -193,4 +197,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["region_boundaries", "format_values", "plot_counterfactual_panel", "save_fig1"]
+__all__ = ["region_boundaries", "wrap_title", "plot_counterfactual_panel", "save_fig1"]
 
 
 def _to_2d(img: Any, name: str) -> np.ndarray:
@@ -50,9 +50,16 @@ def region_boundaries(region_masks: Any, axis: int = -1) -> list[float]:
     return [float(j) + 0.5 for j in change.tolist()]
 
 
-def format_values(values: Mapping[str, float], unit: str = "mm²", digits: int = 1) -> str:
-    """``"name=1.2 mm², other=3.4 mm²"`` for a mapping of variable values."""
-    return ", ".join(f"{k}={float(v):.{digits}f} {unit}" for k, v in values.items())
+def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
+    """Break each line of ``title`` at spaces so that it fits a figure ``width_inches`` wide.
+
+    Uses a conservative average glyph width of 0.6 em (DejaVu Sans averages about 0.55 em), so a
+    wrapped line does not run off the figure.
+    """
+    import textwrap
+
+    chars = max(20, int(width_inches * 72.0 / (0.6 * fontsize)) - 2)
+    return "\n".join(textwrap.fill(line, chars) if line else line for line in str(title).split("\n"))
 
 
 def plot_counterfactual_panel(
@@ -118,7 +125,7 @@ def plot_counterfactual_panel(
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01).set_label(unit, fontsize=7)
     axes[-1].set_xlabel("along the vessel (mm)" if spacing is not None else "column (pixels)", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

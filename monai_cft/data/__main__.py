@@ -6,6 +6,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from monai_cft.utils.cli import run_cli
+
 _COMMANDS = {
     "synthetic": "generate a synthetic LAD CCTA dataset (raw layout)",
     "datalist": "write dataset.json for a raw folder of your own images and centrelines",
@@ -27,4 +29,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

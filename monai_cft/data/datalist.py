@@ -16,6 +16,7 @@ import numpy as np
 
 from monai_cft.data.io import DEFAULT_SPLITS, save_json
 from monai_cft.variables import DEFAULT_STRUCTURES
+from monai_cft.utils.cli import count_arg, number_arg, run_cli
 
 __all__ = ["split_ids", "make_datalist", "IMAGE_SUFFIXES", "CENTERLINE_SUFFIXES", "LABEL_NAMES", "main"]
 
@@ -125,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write ``dataset.json`` for a raw folder of a user's images and centrelines."""
     parser = argparse.ArgumentParser(prog="python -m monai_cft.data.datalist", description=main.__doc__)
     parser.add_argument("--data-dir", required=True, help="raw folder with images/, centerlines/ [, labels/]")
-    parser.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fractions", type=number_arg(0.0, 1.0), nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--seed", type=count_arg(0), default=0)
     args = parser.parse_args(argv)
     data = make_datalist(args.data_dir, args.fractions, args.seed)
     counts = {s: len(data[s]) for s in DEFAULT_SPLITS}
@@ -135,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -62,6 +62,7 @@ from monai_cft.data.phantom import (
 )
 from monai_cft.data.presets import get_scpr_preset
 from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, split_variable_name, variable_names
+from monai_cft.utils.cli import count_arg, run_cli
 
 __all__ = ["ground_truth_counterfactual", "render_scpr", "ground_truth_dataset", "main"]
 
@@ -404,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, help="raw synthetic dataset folder (with params/)")
     parser.add_argument("--scpr", required=True, help="its prepared sCPR folder")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation seed (the targets' seed)")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--seed", type=count_arg(0), default=0, help="evaluation seed (the targets' seed)")
+    parser.add_argument("--workers", type=count_arg(1), default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -418,4 +419,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

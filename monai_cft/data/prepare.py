@@ -45,6 +45,7 @@ from monai_cft.data._parallel import default_workers, parallel_map
 from monai_cft.data.io import atomic_path, check_file_name, load_centerline, load_datalist, save_csv, save_json, save_nifti
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS, get_scpr_preset
 from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
+from monai_cft.utils.cli import count_arg, number_arg, run_cli
 
 __all__ = [
     "PREPARE_CONFIG",
@@ -453,8 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True, help="raw dataset folder with dataset.json")
     parser.add_argument("--out", required=True, help="output (sCPR) folder")
     parser.add_argument("--preset", default="quick", choices=sorted(SCPR_PRESETS))
-    parser.add_argument("--workers", type=int, default=None, help=f"processes (default: {default_workers()} cores)")
-    parser.add_argument("--angle", type=float, default=0.0, help="rotation of the sCPR plane about the vessel (deg)")
+    parser.add_argument("--workers", type=count_arg(1), default=None, help=f"processes (default: {default_workers()} cores)")
+    parser.add_argument("--angle", type=number_arg(), default=0.0, help="rotation of the sCPR plane about the vessel (deg)")
     parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
     parser.add_argument("--save-grid", action="store_true", help="write grids/<id>.npy (world mm of each pixel)")
     parser.add_argument("--no-progress", action="store_true")
@@ -475,4 +476,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -28,6 +28,7 @@ from monai_cft.data._parallel import default_workers, parallel_map
 from monai_cft.data.datalist import LABEL_NAMES, split_ids
 from monai_cft.data.io import DEFAULT_SPLITS, check_file_name, save_centerline, save_json, save_nifti
 from monai_cft.data.phantom import LABELS, PHANTOM_VERSION, PhantomConfig, render_phantom, sample_phantom_params
+from monai_cft.utils.cli import count_arg, run_cli
 
 __all__ = ["case_id", "case_paths", "write_case", "generate_dataset", "main"]
 
@@ -151,9 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: generate a synthetic LAD CCTA dataset."""
     parser = argparse.ArgumentParser(prog="python -m monai_cft.data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output dataset folder")
-    parser.add_argument("--num-cases", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help=f"processes (default: {default_workers()} cores)")
+    parser.add_argument("--num-cases", type=count_arg(1), required=True)
+    parser.add_argument("--seed", type=count_arg(0), default=0)
+    parser.add_argument("--workers", type=count_arg(1), default=None, help=f"processes (default: {default_workers()} cores)")
     parser.add_argument("--overwrite", action="store_true", help="re-render existing complete cases")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -171,4 +172,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -33,10 +33,14 @@ _UNLISTED = ("error", "ignore")
 
 
 def _check_boundaries(boundaries: Sequence[float], units: str) -> tuple[float, ...]:
+    if isinstance(boundaries, (str, bytes)):
+        raise TypeError(f"boundaries must be a sequence of numbers such as (0.3, 0.6), got the text {boundaries!r}.")
     try:
         b = tuple(float(v) for v in boundaries)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise TypeError(f"boundaries must be a sequence of numbers, got {boundaries!r}.") from e
+    if any(isinstance(v, (str, bytes, bool)) for v in boundaries):
+        raise TypeError(f"boundaries must be a sequence of numbers, got {boundaries!r}.")
     if not all(math.isfinite(v) for v in b):
         raise ValueError(f"boundaries must be finite, got {boundaries!r}.")
     if any(b2 <= b1 for b1, b2 in zip(b, b[1:])):

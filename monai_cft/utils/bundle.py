@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import os
 import pydoc
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_cft.utils.checks import check_count
+from monai_cft.utils.cli import install_error_hook, readable_error, root_cause
 
 __all__ = [
     "BUNDLE_ROOT_ENV",
@@ -36,6 +38,7 @@ __all__ = [
     "readable_error",
     "root_cause",
     "check_override_values",
+    "check_number_overrides",
     "run_bundle",
     "select",
     "check_prepare_config",
@@ -217,6 +220,45 @@ def check_override_values(overrides: Mapping[str, Any], source: str = "the comma
             raise ValueError(f"override {key!r} from {source}: {err}") from None
 
 
+_MISSING = object()
+
+
+def _value_at(config: Any, parts: Sequence[str]) -> Any:
+    """The config value at ``parts`` (an override id split at ``#``), or ``_MISSING``."""
+    node = config
+    for part in parts:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def check_number_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any],
+                           source: str = "the command line") -> None:
+    """Raise ``ValueError`` when an override of a numeric config value is not a finite number.
+
+    ``--lr abc`` or ``--noise_temperature nan`` would otherwise reach the optimiser or the model as
+    text or NaN. A config value counts as numeric when its default in the merged ``config`` is an
+    int or a float (not a bool); expressions (``$...``) and references (``@...``) are left to the
+    config.
+    """
+    for key, value in overrides.items():
+        default = _value_at(config, _normalize_id(str(key)))
+        if default is _MISSING or isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        parsed = value
+        if isinstance(value, str):
+            if value.strip().startswith(("$", "@", "%")):
+                continue
+            parsed = _parse_value(value)
+        if isinstance(parsed, bool) or not isinstance(parsed, (int, float)) or not math.isfinite(parsed):
+            raise ValueError(f"override {key!r} from {source} must be a finite number (the config's default is "
+                             f"{default!r}), got {value!r}.")
+
+
 def _parse_value(value: str) -> Any:
     try:
         return ast.literal_eval(value)
@@ -279,52 +321,6 @@ def _running_bundle_cli(argv0: str) -> bool:
     return len(parts) >= 3 and parts[-3:] == ("monai", "bundle", "__main__.py")
 
 
-#: environment variable that restores Python's full tracebacks for ``python -m monai.bundle run`` errors.
-DEBUG_ENV = "MONAI_CFT_DEBUG"
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (``__cause__``, else ``__context__``): the one that names the problem.
-
-    MONAI's config parser wraps an error raised inside a ``$`` expression or an instantiation in a
-    ``RuntimeError`` ("Failed to evaluate ConfigExpression ..."), itself wrapped by the workflow.
-    """
-    seen = {id(exc)}
-    while True:
-        nxt = exc.__cause__ if exc.__cause__ is not None else exc.__context__
-        if nxt is None or id(nxt) in seen:
-            return exc
-        seen.add(id(nxt))
-        exc = nxt
-
-
-def readable_error(exc: BaseException) -> str:
-    """One line for a person: the root cause's type and message (its first line)."""
-    cause = root_cause(exc)
-    text = str(cause).strip().splitlines()
-    return f"error: {type(cause).__name__}: {text[0] if text else repr(cause)}"
-
-
-def install_error_hook() -> None:
-    """Make an uncaught error of this process print as one readable line (:func:`readable_error`).
-
-    The full traceback is kept behind ``MONAI_CFT_DEBUG=1``; the exit status stays 1. Installed by
-    :func:`check_overrides` when the process is ``python -m monai.bundle``.
-    """
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-        return
-    previous = sys.excepthook
-
-    def hook(exc_type, exc, tb):
-        if exc is None or isinstance(exc, KeyboardInterrupt):
-            previous(exc_type, exc, tb)
-            return
-        print(readable_error(exc), file=sys.stderr)
-        print(f"(the full traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
-
-    sys.excepthook = hook
-
-
 def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
     """Raise ``ValueError`` when a command-line override of ``python -m monai.bundle run`` is unknown.
 
@@ -363,7 +359,12 @@ def check_overrides(argv: Sequence[str] | None = None) -> list[str]:
         keys += [k for k in file_args if k not in RUN_ARGS and k not in overrides]
     if config_file is None or not keys:
         return []
-    return validate_overrides(config_file, keys)
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(config_file)
+    checked = validate_overrides(config, keys)
+    check_number_overrides(config, overrides)
+    return checked
 
 
 def run_bundle(
@@ -382,8 +383,12 @@ def run_bundle(
     """
     from monai.bundle import run
 
-    validate_overrides(config_file, override.keys())
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(config_file)
+    validate_overrides(config, override.keys())
     check_override_values(override, "run_bundle's keyword arguments")
+    check_number_overrides(config, override, "run_bundle's keyword arguments")
     kwargs: dict[str, Any] = {}
     if meta_file is not None:
         kwargs["meta_file"] = meta_file
