@@ -25,6 +25,28 @@ __all__ = [
 DUPLICATE_TOL_MM = 1e-6
 
 
+def clean_points(points: Any, name: str = "centerline") -> np.ndarray:
+    """:func:`clean_centerline` as a float64 NumPy array (the planning works on NumPy: small arrays)."""
+    try:
+        pts = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be an (N, 3) array of world coordinates in mm, got {type(points).__name__}."
+        ) from e
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3), got {tuple(pts.shape)}.")
+    finite = np.isfinite(pts).all(1)
+    if not finite.all():
+        raise ValueError(f"{name} has NaN or infinite coordinates at point(s) {np.flatnonzero(~finite)[:10].tolist()}.")
+    if pts.shape[0] == 0:
+        raise ValueError(f"{name} is empty; at least two distinct points are needed.")
+    step = np.sqrt(((pts[1:] - pts[:-1]) ** 2).sum(1))
+    pts = pts[np.concatenate([[True], step > DUPLICATE_TOL_MM])]
+    if pts.shape[0] < 2:
+        raise ValueError(f"{name} needs at least two distinct points, got {pts.shape[0]} after dropping repeats.")
+    return pts
+
+
 def clean_centerline(points: Any, name: str = "centerline") -> torch.Tensor:
     """Validate a centreline and drop repeated consecutive points.
 
@@ -39,45 +61,26 @@ def clean_centerline(points: Any, name: str = "centerline") -> torch.Tensor:
         TypeError: when ``points`` cannot be converted to a numeric tensor.
         ValueError: wrong shape, NaN / inf coordinates, or fewer than two distinct points.
     """
-    try:
-        pts = torch.as_tensor(np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points,
-                                         dtype=np.float64))
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"{name} must be an (N, 3) array of world coordinates in mm, got {type(points).__name__}."
-        ) from e
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (N, 3), got {tuple(pts.shape)}.")
-    if not torch.isfinite(pts).all():
-        bad = torch.nonzero(~torch.isfinite(pts).all(1)).flatten().tolist()
-        raise ValueError(f"{name} has NaN or infinite coordinates at point(s) {bad[:10]}.")
-    if pts.shape[0] == 0:
-        raise ValueError(f"{name} is empty; at least two distinct points are needed.")
-    step = (pts[1:] - pts[:-1]).norm(dim=1)
-    keep = torch.cat([torch.ones(1, dtype=torch.bool), step > DUPLICATE_TOL_MM])
-    pts = pts[keep]
-    if pts.shape[0] < 2:
-        raise ValueError(f"{name} needs at least two distinct points, got {pts.shape[0]} after dropping repeats.")
-    return pts
+    return torch.from_numpy(clean_points(points, name))
 
 
 def centerline_length(points: Any) -> float:
     """Arc length (mm) of the polyline through ``points`` ((N, 3), world mm)."""
-    pts = clean_centerline(points)
-    return float((pts[1:] - pts[:-1]).norm(dim=1).sum())
+    pts = clean_points(points)
+    return float(np.linalg.norm(pts[1:] - pts[:-1], axis=1).sum())
 
 
-def resample_clean(pts: torch.Tensor, step: float, num: int | None = None) -> torch.Tensor:
-    """Piecewise-linear points at arc lengths ``k * step`` (k < num, inside the polyline)."""
-    seg = (pts[1:] - pts[:-1]).norm(dim=1)
-    cum = torch.cat([torch.zeros(1, dtype=pts.dtype), torch.cumsum(seg, 0)])
+def resample_points(pts: np.ndarray, step: float, num: int | None = None) -> np.ndarray:
+    """Piecewise-linear points of a cleaned (M, 3) polyline at arc lengths ``k * step`` (k < num, inside it)."""
+    seg = np.sqrt(((pts[1:] - pts[:-1]) ** 2).sum(1))
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
     length = float(cum[-1])
     count = int(math.floor(length / step + 1e-9)) + 1
     if num is not None:
         count = min(count, int(num))
-    s = torch.clamp(torch.arange(count, dtype=pts.dtype) * step, max=length)
-    idx = torch.clamp(torch.searchsorted(cum, s, right=True) - 1, 0, seg.numel() - 1)
-    frac = ((s - cum[idx]) / seg[idx]).unsqueeze(1)
+    s = np.minimum(np.arange(count, dtype=np.float64) * step, length)
+    idx = np.clip(np.searchsorted(cum, s, side="right") - 1, 0, seg.size - 1)
+    frac = ((s - cum[idx]) / seg[idx])[:, None]
     return pts[idx] + frac * (pts[idx + 1] - pts[idx])
 
 
@@ -95,16 +98,16 @@ def resample_centerline(points: Any, step: float, num: int | None = None) -> tor
         of ``step``).
     """
     step = positive_float(step, "step")
-    return resample_clean(clean_centerline(points), step, num)
+    return torch.from_numpy(resample_points(clean_points(points), step, num))
 
 
-def _tangents(points: torch.Tensor) -> torch.Tensor:
+def _tangents(points: np.ndarray) -> np.ndarray:
     """Unit tangents by central differences (one-sided at the ends) of (M, 3) points, M >= 2."""
-    d = torch.empty_like(points)
+    d = np.empty_like(points)
     d[1:-1] = points[2:] - points[:-2]
     d[0] = points[1] - points[0]
     d[-1] = points[-1] - points[-2]
-    return d / d.norm(dim=1, keepdim=True)
+    return d / np.sqrt((d * d).sum(1, keepdims=True))
 
 
 def check_vector(value: Any, name: str) -> torch.Tensor | None:
@@ -121,28 +124,50 @@ def check_vector(value: Any, name: str) -> torch.Tensor | None:
     return vec
 
 
-def _initial_normal(t0: torch.Tensor, initial_normal: Any | None) -> torch.Tensor:
+def _initial_normal(t0: np.ndarray, initial_normal: Any | None) -> np.ndarray:
     """First frame normal: ``initial_normal`` (or the least aligned world axis) orthogonal to ``t0``."""
-    ref = check_vector(initial_normal, "initial_normal")
-    if ref is None:
-        axis = int(np.argmin(np.abs(t0.numpy())))  # least aligned world axis, first on ties
-        ref = torch.zeros(3, dtype=t0.dtype)
-        ref[axis] = 1.0
+    checked = check_vector(initial_normal, "initial_normal")
+    if checked is None:
+        ref = np.zeros(3)
+        ref[int(np.argmin(np.abs(t0)))] = 1.0  # least aligned world axis, first on ties
+    else:
+        ref = checked.numpy()
     n0 = ref - (ref @ t0) * t0
-    norm = n0.norm()
-    if norm < 1e-6 * float(ref.norm()):
+    norm = np.linalg.norm(n0)
+    if norm < 1e-6 * float(np.linalg.norm(ref)):
         raise ValueError(f"initial_normal {initial_normal!r} is parallel to the first tangent {t0.tolist()}.")
     return n0 / norm
 
 
-def _prefix_products(mats: torch.Tensor) -> torch.Tensor:
+def _prefix_products(mats: np.ndarray) -> np.ndarray:
     """Inclusive prefix products ``out[i] = mats[i] @ ... @ mats[0]`` by a log-depth scan."""
-    out = mats.clone()
+    out = mats.copy()
     d = 1
     while d < out.shape[0]:
         out[d:] = out[d:] @ out[:-d]
         d *= 2
     return out
+
+
+def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`parallel_transport_frames` of a cleaned (M, 3) float64 NumPy polyline, as NumPy arrays."""
+    t = _tangents(pts)
+    n0 = _initial_normal(t[0], initial_normal)
+    eye = np.eye(3)
+    v1 = pts[1:] - pts[:-1]
+    c1 = (v1 * v1).sum(1)
+    h1 = eye - 2.0 * v1[:, :, None] * v1[:, None, :] / c1[:, None, None]
+    t_l = t[:-1] - (2.0 * (v1 * t[:-1]).sum(1) / c1)[:, None] * v1
+    v2 = t[1:] - t_l
+    c2 = (v2 * v2).sum(1)
+    safe = c2 > 1e-24
+    h2 = eye - 2.0 * v2[:, :, None] * v2[:, None, :] / np.where(safe, c2, 1.0)[:, None, None]
+    h2 = np.where(safe[:, None, None], h2, eye)
+    rot = _prefix_products(h2 @ h1)
+    n = np.concatenate([n0[None], rot @ n0], 0)
+    n = n - (n * t).sum(1, keepdims=True) * t  # remove round-off drift, keep exact orthogonality
+    n = n / np.sqrt((n * n).sum(1, keepdims=True))
+    return t, n, np.cross(t, n)
 
 
 def parallel_transport_frames(
@@ -165,25 +190,8 @@ def parallel_transport_frames(
         ``(tangents, normals, binormals)``, each (M', 3) float64 with unit rows, ``M'`` the number of
         points after dropping repeats; ``binormal = tangent x normal`` (right-handed frames).
     """
-    pts = clean_centerline(points, "points")
-    t = _tangents(pts)
-    n0 = _initial_normal(t[0], initial_normal)
-    eye = torch.eye(3, dtype=pts.dtype)
-    v1 = pts[1:] - pts[:-1]
-    c1 = (v1 * v1).sum(1)
-    h1 = eye - 2.0 * v1.unsqueeze(2) * v1.unsqueeze(1) / c1.view(-1, 1, 1)
-    t_l = t[:-1] - (2.0 * (v1 * t[:-1]).sum(1) / c1).unsqueeze(1) * v1
-    v2 = t[1:] - t_l
-    c2 = (v2 * v2).sum(1)
-    safe = c2 > 1e-24
-    h2 = eye - 2.0 * v2.unsqueeze(2) * v2.unsqueeze(1) / torch.where(safe, c2, 1.0).view(-1, 1, 1)
-    h2 = torch.where(safe.view(-1, 1, 1), h2, eye)
-    rot = _prefix_products(h2 @ h1)
-    n = torch.cat([n0.unsqueeze(0), (rot @ n0).view(-1, 3)], 0)
-    n = n - (n * t).sum(1, keepdim=True) * t  # remove round-off drift, keep exact orthogonality
-    n = n / n.norm(dim=1, keepdim=True)
-    b = torch.linalg.cross(t, n, dim=1)
-    return t, n, b
+    t, n, b = frames(clean_points(points, "points"), initial_normal)
+    return torch.from_numpy(t), torch.from_numpy(n), torch.from_numpy(b)
 
 
 def positive_float(value: Any, name: str) -> float:

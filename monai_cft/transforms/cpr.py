@@ -47,9 +47,11 @@ from .centerline import (
     centerline_length,
     check_vector,
     clean_centerline,
+    clean_points,
+    frames,
     parallel_transport_frames,
     resample_centerline,
-    resample_clean,
+    resample_points,
 )
 from .scpr_checks import (
     centerline_list,
@@ -59,7 +61,7 @@ from .scpr_checks import (
     check_padding,
     image_and_affine,
 )
-from .scpr_sampling import RuledGrid, sample_ruled
+from .scpr_sampling import RuledGrid, sample_ruled, sampling_threads
 
 __all__ = [
     "SCPR_GRID_KEY",
@@ -111,38 +113,40 @@ class SCPRGeometry:
 
     def __init__(self, centerline: Any, affine: torch.Tensor, spatial_shape: Sequence[int], size: tuple[int, int],
                  spacing: float, angle: float, out_dims: int, initial_normal: Any | None) -> None:
-        pts = clean_centerline(centerline)
+        pts = clean_points(centerline)  # the planning runs on NumPy float64 (small arrays, no thread pool)
         height, width = size
-        self.length = float((pts[1:] - pts[:-1]).norm(dim=1).sum())
+        self.length = float(np.sqrt(((pts[1:] - pts[:-1]) ** 2).sum(1)).sum())
         # one point beyond the last column (or the distal end) so that the last tangent is central
-        frame_pts = resample_clean(pts, spacing, width + 1)
+        frame_pts = resample_points(pts, spacing, width + 1)
         n_valid = min(frame_pts.shape[0], width)
         curve = frame_pts[:n_valid]
-        if frame_pts.shape[0] == n_valid and (pts[-1] - curve[-1]).norm() > DUPLICATE_TOL_MM:
-            frame_pts = torch.cat([curve, pts[-1:]], 0)
-        t, n, b = parallel_transport_frames(frame_pts, initial_normal)
+        if frame_pts.shape[0] == n_valid and np.linalg.norm(pts[-1] - curve[-1]) > DUPLICATE_TOL_MM:
+            frame_pts = np.concatenate([curve, pts[-1:]], 0)
+        t, n, b = frames(frame_pts, initial_normal)  # frame_pts: equal steps, no repeats
         t, n, b = t[:n_valid], n[:n_valid], b[:n_valid]
         a = math.radians(angle)
         n_a = math.cos(a) * n + math.sin(a) * b
         b_a = -math.sin(a) * n + math.cos(a) * b
-        self.offsets = (torch.arange(height, dtype=torch.float64) - (height - 1) / 2.0) * spacing
-        self.curve, self.tangents, self.normals, self.binormals = curve, t, n_a, b_a
+        offsets = (np.arange(height, dtype=np.float64) - (height - 1) / 2.0) * spacing
+        self.offsets = torch.from_numpy(offsets)
+        self.curve, self.tangents = torch.from_numpy(curve), torch.from_numpy(t)
+        self.normals, self.binormals = torch.from_numpy(n_a), torch.from_numpy(b_a)
         self.n_valid, self.size, self.spacing, self.angle, self.out_dims = n_valid, size, spacing, angle, out_dims
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
-        inv = torch.linalg.inv(affine)
+        inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
         lin, shift = inv[:3, :3], inv[:3, 3]
-        shape = torch.as_tensor(self.spatial_shape, dtype=torch.float64)
+        shape = np.asarray(self.spatial_shape, dtype=np.float64)
         vox_c = curve @ lin.T + shift
         outside = ((vox_c < -0.5) | (vox_c > shape - 0.5)).any(1)
-        frac = float(outside.double().mean())
+        frac = float(outside.mean())
         if frac > _MAX_OUTSIDE_FRACTION:
             raise ValueError(
                 f"{frac:.0%} of the resampled centreline points ({int(outside.sum())} of {n_valid}) fall outside "
                 f"the image volume of shape {self.spatial_shape}; check that the centreline is "
                 "in the same world coordinates (mm) as the image affine."
             )
-        self.world = RuledGrid(curve, n_a, b_a, self.offsets, out_dims)
-        self.voxels = RuledGrid(vox_c, n_a @ lin.T, b_a @ lin.T, self.offsets, out_dims)
+        self.world = RuledGrid(curve, n_a, b_a, offsets, out_dims)
+        self.voxels = RuledGrid(vox_c, n_a @ lin.T, b_a @ lin.T, offsets, out_dims)
         total_px = self.voxels.count // n_valid * width
         padded = 1.0 - self.voxels.count_inside(self.spatial_shape) / total_px
         if padded >= _WARN_PADDING_FRACTION:
@@ -164,16 +168,17 @@ class SCPRGeometry:
         shape = torch.as_tensor(self.spatial_shape, dtype=torch.float64)
         return (2.0 * self.voxels.points(torch.float64) / (shape - 1.0) - 1.0).flip(-1)
 
-    def sample(self, data: torch.Tensor, mode: str, padding: Any, strategy: str = "auto") -> torch.Tensor:
+    def sample(self, data: torch.Tensor, mode: str, padding: Any, strategy: str = "auto",
+               max_threads: int | None = None) -> torch.Tensor:
         """Sample (C, X, Y, Z) ``data`` (any dtype and strides, CPU or CUDA) on the grid.
 
         ``padding``: one value or (C,) values for points outside the volume and the columns beyond the
-        vessel's end. ``strategy``: see :func:`~monai_cft.transforms.scpr_sampling.sample_ruled`.
+        vessel's end. ``strategy``, ``max_threads``: see :func:`~monai_cft.transforms.scpr_sampling.sample_ruled`.
         Returns (C, H, W) or (C, H, H, W), float32 (float64 for float64 data), on ``data``'s device.
         """
         x = data.as_tensor() if isinstance(data, MetaTensor) else data
         pad = torch.as_tensor(padding, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        out = sample_ruled(x, self.voxels, mode, pad, strategy)
+        out = sample_ruled(x, self.voxels, mode, pad, strategy, max_threads)
         missing = self.size[1] - self.n_valid
         if missing > 0:
             fill = pad.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
@@ -365,14 +370,16 @@ class StraightenCPR(Transform):
         return out
 
     def __call__(self, img: Any, centerline: Any, affine: Any | None = None) -> torch.Tensor | list[torch.Tensor]:
-        data, aff = image_and_affine(img, affine)
-        lines, several = centerline_list(centerline)
-        src = img if isinstance(img, MetaTensor) else data
-        outs = []
-        for plan in self.plans(lines, aff, data.shape[1:]):
-            out = plan.sample(data, self.mode, self.padding_value)
-            check_finite_output(out)
-            outs.append(_wrap(out.to(_output_dtype(data, self.dtype)), src, plan, self.record_grid))
+        limit = torch.get_num_threads()
+        with sampling_threads(0):  # planning and metadata: small tensors, one thread
+            data, aff = image_and_affine(img, affine)
+            lines, several = centerline_list(centerline)
+            src = img if isinstance(img, MetaTensor) else data
+            outs = []
+            for plan in self.plans(lines, aff, data.shape[1:]):
+                out = plan.sample(data, self.mode, self.padding_value, max_threads=limit)
+                check_finite_output(out)
+                outs.append(_wrap(out.to(_output_dtype(data, self.dtype)), src, plan, self.record_grid))
         return outs if several else outs[0]
 
     def batch(self, images: Sequence[Any], centerlines: Sequence[Any]) -> list[torch.Tensor | list[torch.Tensor]]:
@@ -455,7 +462,11 @@ class StraightenCPRd(MapTransform):
                                  None, initial_normal, record_grid)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
+        limit = torch.get_num_threads()
+        with sampling_threads(0):  # planning and metadata: small tensors, one thread
+            return self._straighten(dict(data), limit)
+
+    def _straighten(self, d: dict[Hashable, Any], limit: int) -> dict[Hashable, Any]:
         if self.centerline_key not in d:
             raise KeyError(f"centreline key {self.centerline_key!r} not found; available keys: {list(d)}.")
         items = list(self.key_iterator(d, self.modes, self.padding_values, self.dtypes))
@@ -479,7 +490,7 @@ class StraightenCPRd(MapTransform):
         outputs: dict[Hashable, list[torch.Tensor]] = {key: [] for key, *_ in items}
         for plan in plans:
             for key, mode, pad, out_dtype in items:
-                out = plan.sample(tensors[key], mode, pad)
+                out = plan.sample(tensors[key], mode, pad, max_threads=limit)
                 check_finite_output(out, repr(key))
                 outputs[key].append(_wrap(out.to(_output_dtype(tensors[key], out_dtype)), d[key], plan,
                                           self.cpr.record_grid))

@@ -27,7 +27,9 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,14 +54,17 @@ def free_cores() -> int:
 
 
 @contextlib.contextmanager
-def sampling_threads(work: int) -> Iterator[int]:
+def sampling_threads(work: int, limit: int | None = None) -> Iterator[int]:
     """Run the block with the torch intra-op threads suited to ``work`` (values computed), restoring them.
 
-    One thread below :data:`PARALLEL_WORK`; above it, torch's current count capped by :func:`free_cores`
-    (on a busy machine a thread waiting for a core costs every parallel region its time slice).
+    One thread below :data:`PARALLEL_WORK` (planning, metadata: pass 0); above it ``limit`` (default:
+    torch's current count; never more) capped by :func:`free_cores`. On a busy machine a parallel
+    region waits for its slowest thread, and a thread waiting for a core costs a time slice (measured:
+    8 ms for a (384, 3) reduction on 2 threads with the other core busy, 10 us on one).
     """
     before = torch.get_num_threads()
-    want = 1 if work < PARALLEL_WORK else max(1, min(before, free_cores()))
+    cap = before if limit is None else max(1, int(limit))
+    want = 1 if work < PARALLEL_WORK else max(1, min(cap, free_cores()))
     if want != before:
         torch.set_num_threads(want)
     try:
@@ -79,17 +84,20 @@ class RuledGrid:
         out_dims: 2 (points (H, Wv)) or 3 (points (H, H, Wv)).
     """
 
-    def __init__(self, c: torch.Tensor, u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, out_dims: int):
-        self.c, self.u, self.v, self.offsets, self.out_dims = c, u, v, offsets, out_dims
-        h, wv = offsets.numel(), c.shape[0]
+    def __init__(self, c: Any, u: Any, v: Any, offsets: Any, out_dims: int):
+        arrays = [np.asarray(z.detach().cpu() if isinstance(z, torch.Tensor) else z, dtype=np.float64)
+                  for z in (c, u, v, offsets)]
+        self.c, self.u, self.v, self.offsets = (torch.from_numpy(z) for z in arrays)
+        self.out_dims = out_dims
+        h, wv = arrays[3].size, arrays[0].shape[0]
         self.shape: tuple[int, ...] = (h, wv) if out_dims == 2 else (h, h, wv)
         self.count = math.prod(self.shape)
+        spread = np.abs(arrays[3]).max() * (np.abs(arrays[1]) + (np.abs(arrays[2]) if out_dims == 3 else 0.0))
+        self._bounds = ((arrays[0] - spread).min(0), (arrays[0] + spread).max(0))
 
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(3,) float64 minimum and maximum of every coordinate over all points (exact up to rounding)."""
-        reach = self.offsets.abs().max()
-        spread = reach * (self.u.abs() + (self.v.abs() if self.out_dims == 3 else 0.0))
-        return (self.c - spread).min(0).values, (self.c + spread).max(0).values
+        return self._bounds
 
     def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
                    shift: Sequence[float] = (0.0, 0.0, 0.0)) -> list[torch.Tensor]:
@@ -113,7 +121,7 @@ class RuledGrid:
     def count_inside(self, spatial_shape: Sequence[int]) -> int:
         """Points within half a voxel of the volume ``[-0.5, N - 0.5]`` (the grid in voxel coordinates)."""
         lo, hi = self.bounds()
-        size = torch.as_tensor(list(spatial_shape), dtype=torch.float64)
+        size = np.asarray(spatial_shape, dtype=np.float64)
         if bool((lo >= -0.5).all() and (hi <= size - 0.5).all()):
             return self.count
         inside = torch.ones(self.shape, dtype=torch.bool)
@@ -139,37 +147,49 @@ def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, 
     compute = _compute_dtype(x.dtype)
     channels, shape, strides = x.shape[0], x.shape[1:], x.stride()
     flat = _storage_view(x)
-    comps = [c.reshape(-1) for c in grid.components(torch.float64, x.device)]
-    chan = (torch.arange(channels, device=x.device) * strides[0]).view(-1, *([1] * (2 if mode == "nearest" else 4)))
+    # coordinates relative to the box corner: small numbers, so float32 keeps ~1e-5 voxel
+    corner = [int(math.floor(float(v))) for v in grid.bounds()[0]]
+    comps = [c.reshape(-1) for c in grid.components(compute, x.device, shift=corner)]
+    chan = torch.arange(channels, device=x.device) * strides[0]
     pad = padding.to(device=x.device, dtype=compute)
     if mode == "nearest":
         lin, inside = 0, None
         for k, comp in enumerate(comps):
-            r = torch.round(comp).long()
+            r = torch.round(comp).long() + corner[k]
             if not fast:
                 ok = (r >= 0) & (r <= shape[k] - 1)
                 inside = ok if inside is None else inside & ok
                 r = r.clamp(0, shape[k] - 1)
             lin = lin + r * strides[k + 1]
-        vals = flat[lin.unsqueeze(0) + chan.view(-1, 1)].to(compute)  # (C, P)
+        vals = flat.index_select(0, (lin.unsqueeze(0) + chan.view(-1, 1)).view(-1)).view(channels, -1).to(compute)
         return vals if fast else torch.where(inside, vals, pad.view(-1, 1))
-    lins, weights, masks = [], [], []
+    # corner-major (2, 2, 2, P) layouts keep the long axis innermost (broadcasts over size-2 inner axes are
+    # slow); 32-bit indices when the storage allows; trilinear as three lerps of the gathered corners
+    itype = torch.int32 if flat.numel() * max(channels, 1) < 2**31 else torch.int64
+    views = ((2, 1, 1, -1), (1, 2, 1, -1), (1, 1, 2, -1))
+    base, lin, inside, fracs = 0, 0, None, []
     for k, comp in enumerate(comps):
         f = torch.floor(comp)
-        frac = (comp - f).to(compute)
-        idx = torch.stack([f.long(), f.long() + 1], 1)  # (P, 2)
-        if not fast:
-            masks.append((idx >= 0) & (idx <= shape[k] - 1))
-            idx = idx.clamp(0, shape[k] - 1)
-        lins.append(idx * strides[k + 1])
-        weights.append(torch.stack([1.0 - frac, frac], 1))
-    lin = lins[0].view(-1, 2, 1, 1) + lins[1].view(-1, 1, 2, 1) + lins[2].view(-1, 1, 1, 2)  # (P, 2, 2, 2)
-    w = (weights[0].view(-1, 2, 1, 1) * weights[1].view(-1, 1, 2, 1)) * weights[2].view(-1, 1, 1, 2)
-    vals = flat[lin.unsqueeze(0) + chan].to(compute)  # (C, P, 2, 2, 2)
+        fracs.append(comp - f)
+        i0 = f.to(itype) + corner[k]
+        if fast:
+            base = base + i0 * strides[k + 1]
+            continue
+        idx = torch.stack([i0, i0 + 1])  # (2, P): the neighbours along axis k
+        ok = ((idx >= 0) & (idx <= shape[k] - 1)).view(views[k])
+        inside = ok if inside is None else inside & ok
+        lin = lin + (idx.clamp(0, shape[k] - 1) * strides[k + 1]).view(views[k])
+    if fast:
+        offsets = torch.tensor([(c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
+                                for c in range(8)], dtype=itype, device=x.device)
+        lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P)
+    lin = lin.reshape(1, 8, -1) + chan.to(itype).view(-1, 1, 1)
+    vals = flat.index_select(0, lin.view(-1)).view(channels, 2, 2, 2, -1).to(compute)
     if not fast:
-        inside = masks[0].view(-1, 2, 1, 1) & masks[1].view(-1, 1, 2, 1) & masks[2].view(-1, 1, 1, 2)
-        vals = torch.where(inside, vals, pad.view(-1, 1, 1, 1, 1))
-    return torch.einsum("cpk,pk->cp", vals.reshape(channels, -1, 8), w.reshape(-1, 8))
+        vals = torch.where(inside.reshape(1, 2, 2, 2, -1), vals, pad.view(-1, 1, 1, 1, 1))
+    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[0])  # (C, 2, 2, P)
+    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[1])  # (C, 2, P)
+    return torch.lerp(vals[:, 0], vals[:, 1], fracs[2])  # (C, P)
 
 
 def crop_box(grid: RuledGrid, spatial_shape: Sequence[int]) -> tuple[list[int], list[int], bool]:
@@ -256,11 +276,12 @@ def _sample_box_cpu(x: torch.Tensor, grid: RuledGrid, mode: str, pad: torch.Tens
 
 
 def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor,
-                 strategy: str = "auto") -> torch.Tensor:
+                 strategy: str = "auto", max_threads: int | None = None) -> torch.Tensor:
     """Sample a channel-first (C, X, Y, Z) tensor (any dtype, any strides) at the points of ``grid``
     (voxel coordinates); ``mode`` ``"bilinear"`` (trilinear) or ``"nearest"``; ``padding`` (C,) the
     value outside the volume. ``strategy``: ``"auto"``, ``"gather"`` or ``"box"`` (see the module
-    docstring; all give the same values up to float rounding). Returns (C, *grid.shape) in float32
+    docstring; all give the same values up to float rounding); ``max_threads``: the most torch threads
+    to use (default: the current setting), see :func:`sampling_threads`. Returns (C, *grid.shape) in float32
     (float64 for float64 input)."""
     if strategy not in ("auto", "gather", "box"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'box', got {strategy!r}.")
@@ -270,11 +291,12 @@ def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Ten
     neighbours = 1 if mode == "nearest" else 8
     if strategy == "auto":
         strategy = "gather" if grid.count * neighbours <= box_voxels else "box"
-    ctx = sampling_threads(grid.count * neighbours * x.shape[0]) if x.device.type == "cpu" else contextlib.nullcontext()
+    work = grid.count * neighbours * x.shape[0]
+    ctx = sampling_threads(work, max_threads) if x.device.type == "cpu" else contextlib.nullcontext()
     with ctx, torch.autocast(x.device.type, enabled=False):
         if strategy == "gather":
             lo, hi = grid.bounds()
-            size = torch.as_tensor(list(shape), dtype=torch.float64)
+            size = np.asarray(shape, dtype=np.float64)
             if mode == "nearest":
                 fast = bool((lo > -0.5).all() and (hi < size - 0.5).all())
             else:
