@@ -16,6 +16,7 @@ from .cpr import (
     resample_centerline,
     scpr_to_world,
 )
+from .unstraighten import UnstraightenCPR, UnstraightenCPRd
 from .measures import StructureMeasures, StructureMeasuresd, measure_structures
 from .regions import REGION_NAMES_KEY, RegionMasks, RegionMasksd, context_pixels, region_window_shape, region_windows
 
@@ -30,6 +31,8 @@ __all__ = [
     "SCPRGeometry",
     "StraightenCPR",
     "StraightenCPRd",
+    "UnstraightenCPR",
+    "UnstraightenCPRd",
     "RegionMasks",
     "RegionMasksd",
     "StructureMeasures",
