@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -35,42 +34,50 @@ def measured(rows):
 
 
 def test_scpr_section_agrees_with_scipy(bench, single_thread):
-    args = tiny_args(bench, "--scpr-presets", "quick")
+    args = tiny_args(bench, "--scpr-volumes", "1")
     rows = bench.scpr.scpr_measurements(args)
     done = measured(rows)
-    # SciPy, transform and batched for plan + sample; SciPy and plan.sample for sample only; per out_dims
-    assert len(done) == 2 * 5
+    # (clinical, phantom) x (2D, 3D) x (idle, other core busy): reference, transform, inverse (+ several per call)
+    assert {(r["dataset"].split()[0], r["out_dims"], r["state"]) for r in done} == {
+        (d, o, s) for d in ("clinical", "phantom") for o in (2, 3) for s in ("idle", "other core busy")}
     for r in done:
-        assert r["volumes_per_s"] > 0 and math.isfinite(r["ratio"])
+        assert r["seconds"] > 0
         assert r["max_abs_hu"] < 0.05, r  # float32 rounding only: same points, same interpolation
     assert {r["ratio"] for r in done if r["implementation"].startswith("SciPy")} == {1.0}
-    gpu_rows = [r for r in rows if r["setting"].startswith("CUDA")]
+    assert all(r["note"] for r in done if r["implementation"].startswith("`Unstraighten"))  # exact round trip
+    several = [r for r in done if "3 centrelines per call" in r["implementation"]]
+    assert len(several) == 4 and all(r["dataset"].startswith("clinical") for r in several)
+    gpu_rows = [r for r in rows if r["state"] == "CUDA"]
     assert len(gpu_rows) == 4
     if not torch.cuda.is_available():
         assert all(r["note"] == bench.harness.NO_GPU for r in gpu_rows)
     text = bench.scpr.scpr_markdown(rows, args)
-    assert text.count("\n| quick (tiny) |") == len(rows)
-    assert "grid-constant" in text
+    assert text.count("\n| clinical (tiny) |") + text.count("\n| phantom (1 volumes) (tiny) |") == len(rows)
+    assert "grid-constant" in text and text.count("(target >= ") == 4
 
 
-def test_batched_straightening_matches_transform_with_padded_columns(bench, single_thread):
-    """Two volumes of different shapes, a field of view longer than the vessels (padded columns)."""
-    cases = bench.scpr.phantom_volumes(2, seed=3)
-    assert cases[0]["image"].shape != cases[1]["image"].shape
+def test_scipy_reference_samples_the_transform_points_with_padded_columns(bench, single_thread):
+    """Two phantoms (float32) and the int16 clinical toy volume, a field of view longer than the vessels."""
+    cases = bench.scpr.phantom_cases(2, seed=3) + [bench.scpr.clinical_case(tiny=True)]
+    assert cases[0]["image"].shape != cases[1]["image"].shape and cases[2]["image"].dtype == torch.int16
     for out_dims in (2, 3):
         cpr = StraightenCPR((6, 90), 2.0, padding_value=-1024.0, out_dims=out_dims)  # 180 mm > any vessel
-        images, lines = [c["image"] for c in cases], [c["centerline"] for c in cases]
-        batched = bench.scpr.straighten_batched(cpr, images, lines)
-        for i, (img, line) in enumerate(zip(images, lines)):
+        for case in cases:
+            img, line = case["image"], case["centerlines"][0]
             single = cpr(img, line)
             assert single.meta["scpr_valid_columns"] < 90
-            assert batched[i].shape == single.shape
-            torch.testing.assert_close(batched[i], single.as_tensor(), atol=0.05, rtol=0)
-            # and the SciPy reference on the same world grid
-            plan = cpr.plan(line, img.affine, img.shape[1:])
-            vox = bench.scpr.world_to_voxel(plan.grid_world.numpy(), img.affine.numpy())
-            ref = bench.scpr.scipy_sample(img.as_tensor()[0].numpy(), vox, 90, -1024.0)
+            ref = bench.scpr.scipy_straighten(img.as_tensor()[0].numpy(), img.affine.numpy(), line, (6, 90), 2.0,
+                                              out_dims)
+            assert ref.shape == single.shape[1:]
             assert np.abs(ref - single[0].numpy()).max() < 0.05
+
+
+def test_other_core_busy_starts_and_stops_one_process(bench):
+    import multiprocessing
+
+    with bench.scpr.OtherCoreBusy() as busy:
+        assert busy.proc.is_alive() and len(multiprocessing.active_children()) >= 1
+    assert not busy.proc.is_alive()
 
 
 def test_training_section(bench, single_thread):

@@ -20,6 +20,7 @@ geometry (e.g. in 3D Slicer).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -134,73 +135,77 @@ class UnstraightenCPR(Transform):
         world = grid[valid].to(torch.float64)
         vox = world @ inv[:3, :3].T.to(out.device) + inv[:3, 3].to(out.device)
         diff, after = diff[:, valid], edited.to(out.device, compute)[:, valid]
-        shape = torch.tensor(out.shape[1:], device=out.device)
         if self.mode == "nearest":
-            self._nearest(out, vox, diff, after, shape)
+            self._nearest(out, vox, diff, after)
         else:
-            self._trilinear(out, vox, diff, shape, compute)
+            self._trilinear(out, vox, diff, compute)
 
     @staticmethod
-    def _box(idx: torch.Tensor, inside: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Corner and size of the voxel box holding the (inside) indices ``idx`` (..., 3)."""
-        pts = idx[inside]
-        return pts.min(0).values, pts.max(0).values - pts.min(0).values + 1
+    def _box(corner: torch.Tensor, far: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+        """Corner, size and (Q,) linear index of the voxel box spanned by (Q, 3) integer ``corner`` .. ``far``
+        (it may extend beyond the volume; only its part inside is written)."""
+        lo = corner.min(0).values.tolist()
+        size = [int(h) - l_ + 1 for l_, h in zip(lo, far.max(0).values.tolist())]
+        rel = corner - torch.tensor(lo, device=corner.device)
+        return lo, size, (rel[:, 0] * size[1] + rel[:, 1]) * size[2] + rel[:, 2]
 
-    def _trilinear(self, out: torch.Tensor, vox: torch.Tensor, diff: torch.Tensor, shape: torch.Tensor,
-                   compute: torch.dtype) -> None:
+    def _trilinear(self, out: torch.Tensor, vox: torch.Tensor, diff: torch.Tensor, compute: torch.dtype) -> None:
         f = torch.floor(vox)
         frac = (vox - f).to(compute)
-        bits = torch.tensor([[(c >> (2 - k)) & 1 for k in range(3)] for c in range(8)], device=out.device)
-        idx = f.long().unsqueeze(0) + bits.unsqueeze(1)  # (8, Q, 3)
-        w = torch.where(bits.unsqueeze(1).bool(), frac.unsqueeze(0), 1.0 - frac.unsqueeze(0)).prod(-1)  # (8, Q)
-        inside = ((idx >= 0) & (idx < shape)).all(-1) & (w > 0)
-        if not bool(inside.any()):
-            return
-        lo, size = self._box(idx, inside, shape)
-        rel = idx[inside] - lo
-        lin = (rel[:, 0] * size[1] + rel[:, 1]) * size[2] + rel[:, 2]
-        n_box = int(size.prod())
-        ws = w[inside]
-        den = torch.zeros(n_box, dtype=compute, device=out.device).index_add_(0, lin, ws)
-        values = (diff.unsqueeze(1) * w.unsqueeze(0))[:, inside]  # (C, M)
-        num = torch.zeros(diff.shape[0], n_box, dtype=compute, device=out.device).index_add_(1, lin, values)
+        lo, size, base = self._box(f.long(), f.long() + 1)
+        # corner-major (2, 2, 2, Q) weights and indices (the long axis innermost)
+        offsets = torch.tensor([(c >> 2) * size[1] * size[2] + ((c >> 1) & 1) * size[2] + (c & 1) for c in range(8)],
+                               device=out.device)
+        lin = (base.unsqueeze(0) + offsets.unsqueeze(1)).view(-1)  # (8 Q,)
+        w = torch.ones(1, dtype=compute, device=out.device)
+        for k, view in enumerate(((2, 1, 1, -1), (1, 2, 1, -1), (1, 1, 2, -1))):
+            w = w * torch.stack([1.0 - frac[:, k], frac[:, k]]).view(view)
+        w = w.reshape(8, -1)
+        n_box = math.prod(size)
+        den = torch.zeros(n_box, dtype=compute, device=out.device).index_add_(0, lin, w.reshape(-1))
+        num = torch.zeros(diff.shape[0], n_box, dtype=compute, device=out.device)
+        num.index_add_(1, lin, (diff.unsqueeze(1) * w.unsqueeze(0)).reshape(diff.shape[0], -1))
         hit = den > 0
-        delta = torch.zeros_like(num)
-        delta[:, hit] = num[:, hit] / den[hit]
-        self._add(out, lo, size, delta.view(-1, *size.tolist()), hit.view(*size.tolist()))
+        num[:, hit] /= den[hit]
+        self._apply(out, lo, size, num, hit, add=True)
 
-    def _nearest(self, out: torch.Tensor, vox: torch.Tensor, diff: torch.Tensor, after: torch.Tensor,
-                 shape: torch.Tensor) -> None:
+    def _nearest(self, out: torch.Tensor, vox: torch.Tensor, diff: torch.Tensor, after: torch.Tensor) -> None:
         r = torch.round(vox)
-        idx = r.long()
-        inside = ((idx >= 0) & (idx < shape)).all(-1)
-        if not bool(inside.any()):
-            return
-        lo, size = self._box(idx, inside, shape)
-        rel = idx[inside] - lo
-        lin = (rel[:, 0] * size[1] + rel[:, 1]) * size[2] + rel[:, 2]
-        dist = ((vox - r) ** 2).sum(-1)[inside]
-        n_box = int(size.prod())
+        lo, size, lin = self._box(r.long(), r.long())
+        dist = ((vox - r) ** 2).sum(-1)
+        n_box = math.prod(size)
         closest = torch.full((n_box,), float("inf"), dtype=dist.dtype, device=out.device)
         closest = closest.scatter_reduce(0, lin, dist, "amin")
         pixel = torch.arange(dist.numel(), device=out.device)
         chosen = torch.full((n_box,), -1, dtype=torch.long, device=out.device)
         chosen = chosen.scatter_reduce(0, lin, torch.where(dist == closest[lin], pixel, -1), "amax")  # ties: last
         take = chosen >= 0
-        take[take.clone()] = (diff[:, inside][:, chosen[take]] != 0).any(0)
-        box = out[:, lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
-        flat = box.reshape(out.shape[0], -1)
-        flat[:, take] = after[:, inside][:, chosen[take]].to(out.dtype)
-        box.copy_(flat.view_as(box))
+        take[take.clone()] = (diff[:, chosen[take]] != 0).any(0)
+        values = torch.zeros(after.shape[0], n_box, dtype=after.dtype, device=out.device)
+        values[:, take] = after[:, chosen[take]]
+        self._apply(out, lo, size, values, take, add=False)
 
     @staticmethod
-    def _add(out: torch.Tensor, lo: torch.Tensor, size: torch.Tensor, delta: torch.Tensor, hit: torch.Tensor) -> None:
-        box = out[:, lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
-        if box.is_floating_point():
-            box[:, hit] = box[:, hit] + delta[:, hit].to(box.dtype)
+    def _apply(out: torch.Tensor, lo: list[int], size: list[int], values: torch.Tensor, hit: torch.Tensor,
+               add: bool) -> None:
+        """Add (or copy) ``values`` (C, box) into ``out`` where ``hit`` (box), inside the volume only."""
+        src, dst = [slice(None)], [slice(None)]
+        for k in range(3):
+            a, b = max(lo[k], 0), min(lo[k] + size[k], out.shape[k + 1])
+            if a >= b:
+                return
+            src.append(slice(a - lo[k], b - lo[k]))
+            dst.append(slice(a, b))
+        values = values.view(-1, *size)[tuple(src)]
+        hit = hit.view(*size)[tuple(src[1:])]
+        box = out[tuple(dst)]
+        if not add:
+            box[:, hit] = values[:, hit].to(box.dtype)
+        elif box.is_floating_point():
+            box[:, hit] = box[:, hit] + values[:, hit].to(box.dtype)
         else:
             info = torch.iinfo(box.dtype)
-            new = (box[:, hit].to(torch.float64) + delta[:, hit].to(torch.float64)).round().clamp(info.min, info.max)
+            new = (box[:, hit].to(torch.float64) + values[:, hit].to(torch.float64)).round().clamp(info.min, info.max)
             box[:, hit] = new.to(box.dtype)
 
 
