@@ -46,6 +46,7 @@ from monai_cft.data.presets import HU_WINDOW
 from monai_cft.engines.common import as_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.networks.loading import load_regressor, load_segmentor
+from monai_cft.utils.checks import check_count
 
 __all__ = [
     "parse_intervention",
@@ -210,9 +211,15 @@ class CounterfactualPipeline:
         self.spacing = float(spacing)
         self.region_transform = region_transform if region_transform is not None else RegionMasks()
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        if not (math.isfinite(self.hu_window[0]) and math.isfinite(self.hu_window[1])) or not (
+                self.hu_window[0] < self.hu_window[1]):
+            raise ValueError(f"hu_window must be (low, high) finite HU with low < high, got {tuple(hu_window)!r}.")
         self.mode = mode
+        if isinstance(noise_temperature, bool) or not isinstance(noise_temperature, (int, float)) or not (
+                math.isfinite(noise_temperature) and noise_temperature >= 0):
+            raise ValueError(f"noise_temperature must be a finite number >= 0, got {noise_temperature!r}.")
         self.noise_temperature = float(noise_temperature)
-        self.num_particles = int(num_particles)
+        self.num_particles = check_count(num_particles, "num_particles")
         self.allow_extrapolation = bool(allow_extrapolation)
         self.variables = list(dscm.variables)
         self.spatial_dims = int(dscm.hvae.spatial_dims)
@@ -316,8 +323,10 @@ class CounterfactualPipeline:
                 f"got shape {tuple(img.shape)}."
             )
         img = img.float()
-        if not torch.isfinite(_as_plain(img)).all():
-            raise ValueError("the image contains NaN or infinite values.")
+        finite = torch.isfinite(_as_plain(img))
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise ValueError(f"the image contains {bad} NaN or infinite value(s) of {finite.numel()}.")
         return img
 
     @torch.no_grad()

@@ -115,8 +115,17 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     ckpt = out / "models"
     common = {"preset": args.preset, "dataset_dir": scpr, "ckpt_dir": ckpt, "output_dir": out}
     if args.device:
-        common["device"] = f"$torch.device('{args.device}')"
-    epochs = json.loads(args.epochs) if args.epochs else {}
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
+        common["device"] = f"$torch.device('{device}')"
+    try:
+        epochs = json.loads(args.epochs) if args.epochs else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--epochs {args.epochs!r} is not valid JSON ({err}); e.g. '{{\"dscm\": 5}}'.") from None
     bad = {k: v for k, v in epochs.items() if k not in QUICK_EPOCHS or isinstance(v, bool) or not isinstance(v, int)
            or v < 1} if isinstance(epochs, dict) else epochs
     if bad or not isinstance(epochs, dict):
@@ -469,7 +478,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="quick", choices=("quick", "paper"), help="sCPR and network size preset")
     p.add_argument("--num-cases", type=count_arg(1), default=600, help="number of synthetic cases to generate")
     p.add_argument("--seed", type=count_arg(0), default=0)
-    p.add_argument("--workers", type=count_arg(1), default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=count_arg(0), default=os.cpu_count() or 1)
     p.add_argument("--device", default="", help="torch device for the bundle stages (default: cuda if available, else cpu)")
     p.add_argument("--data-dir", default=str(root / "data"), help="where raw/ and scpr_<preset>/ are written")
     p.add_argument("--output-dir", default=str(root / "outputs"), help="models, logs, evaluation and report.md")

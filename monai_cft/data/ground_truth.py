@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scpr", required=True, help="its prepared sCPR folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--seed", type=count_arg(0), default=0, help="evaluation seed (the targets' seed)")
-    parser.add_argument("--workers", type=count_arg(1), default=None)
+    parser.add_argument("--workers", type=count_arg(0), default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()

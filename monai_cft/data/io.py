@@ -459,5 +459,6 @@ def load_datalist(
     if missing:
         shown = "\n  ".join(missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise FileNotFoundError(f"datalist {str(path)!r} references {len(missing)} missing file(s):\n  {shown}{more}")
+        raise FileNotFoundError(f"datalist {str(path)!r} references {len(missing)} missing file(s), the first "
+                                f"{missing[0]}:\n  {shown}{more}")
     return out

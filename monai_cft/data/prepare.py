@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True, help="raw dataset folder with dataset.json")
     parser.add_argument("--out", required=True, help="output (sCPR) folder")
     parser.add_argument("--preset", default="quick", choices=sorted(SCPR_PRESETS))
-    parser.add_argument("--workers", type=count_arg(1), default=None, help=f"processes (default: {default_workers()} cores)")
+    parser.add_argument("--workers", type=count_arg(0), default=None, help=f"processes (default: {default_workers()} cores)")
     parser.add_argument("--angle", type=number_arg(), default=0.0, help="rotation of the sCPR plane about the vessel (deg)")
     parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
     parser.add_argument("--save-grid", action="store_true", help="write grids/<id>.npy (world mm of each pixel)")

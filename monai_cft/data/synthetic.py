@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output dataset folder")
     parser.add_argument("--num-cases", type=count_arg(1), required=True)
     parser.add_argument("--seed", type=count_arg(0), default=0)
-    parser.add_argument("--workers", type=count_arg(1), default=None, help=f"processes (default: {default_workers()} cores)")
+    parser.add_argument("--workers", type=count_arg(0), default=None, help=f"processes (default: {default_workers()} cores)")
     parser.add_argument("--overwrite", action="store_true", help="re-render existing complete cases")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

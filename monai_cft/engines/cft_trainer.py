@@ -57,7 +57,7 @@ from monai_cft.engines.common import (
     linear_warmup,
 )
 from monai_cft.engines.guidance import GUIDANCE_BUILDERS
-from monai_cft.utils.checkpoint import save_checkpoint
+from monai_cft.utils.checkpoint import load_torch_file, save_checkpoint
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
 
@@ -504,7 +504,7 @@ class CFTTrainer(Trainer):
         Raises:
             ValueError: the file belongs to another mode or other variables.
         """
-        state = torch.load(path, map_location=self.state.device, weights_only=True)
+        state = load_torch_file(path, self.state.device, what="resume state")
         meta = state.get("meta", {}) if isinstance(state, dict) else {}
         if meta.get("cft_mode") != self.mode:
             raise ValueError(

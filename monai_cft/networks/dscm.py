@@ -359,12 +359,15 @@ class DeepSCM(nn.Module):
             expected_preset: if given, a checkpoint of another HVAE preset raises ``ValueError``.
             map_location: device for ``torch.load``.
         """
+        from monai_cft.utils.checkpoint import load_torch_file
+
         source = "checkpoint (dict)"
         if not isinstance(checkpoint, Mapping):
             source = f"checkpoint {str(checkpoint)!r}"
-            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
-        if "model" not in checkpoint or "meta" not in checkpoint:
-            raise ValueError(f"checkpoint must hold 'model' and 'meta', got keys {sorted(checkpoint)}.")
+            checkpoint = load_torch_file(checkpoint, map_location)
+        if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "meta" not in checkpoint:
+            keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+            raise ValueError(f"{source} must hold 'model' and 'meta', got {keys}.")
         from monai_cft.utils.checkpoint import check_finite
 
         check_finite(checkpoint["model"], source)

@@ -44,8 +44,10 @@ def check_geometry(
     output_size: Any, spacing: Any, angle: Any, out_dims: Any
 ) -> tuple[tuple[int, int], float, float, int]:
     try:
+        if isinstance(output_size, (str, bytes)):
+            raise TypeError("text")
         size = tuple(int(s) for s in output_size)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise TypeError(f"output_size must be a pair (H, W) of positive ints, got {output_size!r}.") from e
     if len(size) != 2 or min(size) < 1 or any(float(s) != float(o) for s, o in zip(size, output_size)):
         raise ValueError(f"output_size must be a pair (H, W) of positive ints, got {output_size!r}.")

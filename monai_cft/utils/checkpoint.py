@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "check_meta", "check_finite", "to_primitive"]
+__all__ = ["save_checkpoint", "load_torch_file", "load_checkpoint", "load_model_weights", "check_meta", "check_finite",
+           "to_primitive"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 
@@ -174,6 +175,32 @@ def check_finite(state: Any, source: str, prefix: str = "") -> None:
                          "it is corrupt or its training diverged: retrain or use another checkpoint.")
 
 
+def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors that name the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty, truncated or not written by ``torch.save``, or it holds
+            objects other than tensors and plain containers (refused: loading them could run code).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    size = path.stat().st_size
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise ValueError(f"{what} {str(path)!r} holds objects other than tensors and plain containers; refused "
+                         f"(weights_only=True: loading it could run code). {first}".strip()) from err
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError, IndexError) as err:
+        raise ValueError(f"{what} {str(path)!r} ({size} bytes) is not a readable torch file: empty, truncated or not "
+                         f"written by torch.save ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+                         ) from err
+
+
 def load_checkpoint(
     path: str | os.PathLike, expect: Mapping[str, Any] | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -195,9 +222,7 @@ def load_checkpoint(
             message names the keys and the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) or not isinstance(payload.get("meta"), dict):
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{str(path)!r} is not a monai-cft checkpoint (expected keys 'model' and 'meta', got {keys}).")
@@ -223,5 +248,11 @@ def load_model_weights(
         map_location: device the tensors are loaded to before copying.
     """
     payload = load_checkpoint(path, expect=expect, map_location=map_location)
-    model.load_state_dict(payload["model"], strict=strict)
+    try:
+        model.load_state_dict(payload["model"], strict=strict)
+    except RuntimeError as err:  # "Error(s) in loading state_dict ...": the problems are on the next lines
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+                         + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+                         ) from err
     return payload["meta"]

@@ -28,14 +28,16 @@ def _debug() -> bool:
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (``__cause__``, else ``__context__``): the one that names the problem.
+    """The innermost exception of a chain (``__cause__``, else ``__context__`` unless suppressed): the one that
+    names the problem.
 
     MONAI's config parser wraps an error raised inside a ``$`` expression or an instantiation in a
     ``RuntimeError`` ("Failed to evaluate ConfigExpression ..."), itself wrapped by the workflow.
     """
     seen = {id(exc)}
     while True:
-        nxt = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+        # ``raise ... from None`` hides the context on purpose (the new message already names the problem)
+        nxt = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
             return exc
         seen.add(id(nxt))
