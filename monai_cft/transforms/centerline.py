@@ -139,32 +139,47 @@ def _initial_normal(t0: np.ndarray, initial_normal: Any | None) -> np.ndarray:
     return n0 / norm
 
 
-def _prefix_products(mats: np.ndarray) -> np.ndarray:
-    """Inclusive prefix products ``out[i] = mats[i] @ ... @ mats[0]`` by a log-depth scan."""
-    out = mats.copy()
-    d = 1
-    while d < out.shape[0]:
-        out[d:] = out[d:] @ out[:-d]
-        d *= 2
-    return out
+def _least_aligned_axes(t: np.ndarray) -> np.ndarray:
+    """(M, 3) unit vectors orthogonal to the rows of ``t``: each row's least aligned world axis, projected."""
+    axes = np.zeros_like(t)
+    axes[np.arange(t.shape[0]), np.argmin(np.abs(t), axis=1)] = 1.0
+    e1 = axes - (axes * t).sum(1, keepdims=True) * t
+    return e1 / np.sqrt((e1 * e1).sum(1, keepdims=True))
 
 
 def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`parallel_transport_frames` of a cleaned (M, 3) float64 NumPy polyline, as NumPy arrays."""
+    """:func:`parallel_transport_frames` of a cleaned (M, 3) float64 NumPy polyline, as NumPy arrays.
+
+    The double reflection of step ``i`` maps the plane normal to ``t_i`` onto the plane normal to
+    ``t_(i+1)``. In a reference basis ``(e1_i, e2_i)`` of every such plane (any basis; here the least
+    aligned world axis, projected) that map is a rotation by ``delta_i`` (or, when the second reflection
+    degenerates, a reflection: orientation ``s_i = -1``), so the normal's angle obeys
+    ``phi_(i+1) = s_i phi_i + delta_i``: a prefix sum, computed for all points at once.
+    """
     t = _tangents(pts)
     n0 = _initial_normal(t[0], initial_normal)
-    eye = np.eye(3)
+    e1 = _least_aligned_axes(t)
+    e2 = np.cross(t, e1)
     v1 = pts[1:] - pts[:-1]
-    c1 = (v1 * v1).sum(1)
-    h1 = eye - 2.0 * v1[:, :, None] * v1[:, None, :] / c1[:, None, None]
-    t_l = t[:-1] - (2.0 * (v1 * t[:-1]).sum(1) / c1)[:, None] * v1
+    c1 = (v1 * v1).sum(1, keepdims=True)
+    t_l = t[:-1] - (2.0 * (v1 * t[:-1]).sum(1, keepdims=True) / c1) * v1
     v2 = t[1:] - t_l
-    c2 = (v2 * v2).sum(1)
+    c2 = (v2 * v2).sum(1, keepdims=True)
     safe = c2 > 1e-24
-    h2 = eye - 2.0 * v2[:, :, None] * v2[:, None, :] / np.where(safe, c2, 1.0)[:, None, None]
-    h2 = np.where(safe[:, None, None], h2, eye)
-    rot = _prefix_products(h2 @ h1)
-    n = np.concatenate([n0[None], rot @ n0], 0)
+    c2 = np.where(safe, c2, 1.0)
+
+    def transport(x: np.ndarray) -> np.ndarray:  # the two reflections of step i applied to the rows x_i
+        x = x - (2.0 * (v1 * x).sum(1, keepdims=True) / c1) * v1
+        return np.where(safe, x - (2.0 * (v2 * x).sum(1, keepdims=True) / c2) * v2, x)
+
+    p, q = transport(e1[:-1]), transport(e2[:-1])
+    p1, p2 = (p * e1[1:]).sum(1), (p * e2[1:]).sum(1)
+    s = np.where(p1 * (q * e2[1:]).sum(1) - p2 * (q * e1[1:]).sum(1) < 0, -1.0, 1.0)
+    sigma = np.concatenate([[1.0], np.cumprod(s)])  # orientation of the map from plane 0 to plane i
+    psi = math.atan2(float(n0 @ e2[0]), float(n0 @ e1[0])) + np.concatenate(
+        [[0.0], np.cumsum(sigma[1:] * np.arctan2(p2, p1))])
+    phi = sigma * psi
+    n = np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2
     n = n - (n * t).sum(1, keepdims=True) * t  # remove round-off drift, keep exact orthogonality
     n = n / np.sqrt((n * n).sum(1, keepdims=True))
     return t, n, np.cross(t, n)
@@ -177,8 +192,8 @@ def parallel_transport_frames(
 
     Uses the double reflection method (Wang, Juttler, Zheng, Liu 2008): the normal at point
     ``i + 1`` is the normal at ``i`` reflected in the bisector plane of the chord and then in the
-    plane that maps the reflected tangent onto the next tangent. All step rotations are built at
-    once and composed with a log-depth prefix product (no loop over points).
+    plane that maps the reflected tangent onto the next tangent. The steps are composed for all points
+    at once, as a prefix sum of angles in per-point reference bases (no loop over points, see :func:`frames`).
 
     Args:
         points: (M, 3) points in mm (usually equally spaced, see :func:`resample_centerline`),

@@ -378,7 +378,7 @@ class StraightenCPR(Transform):
             outs = []
             for plan in self.plans(lines, aff, data.shape[1:]):
                 out = plan.sample(data, self.mode, self.padding_value, max_threads=limit)
-                check_finite_output(out)
+                check_finite_output(out, data)
                 outs.append(_wrap(out.to(_output_dtype(data, self.dtype)), src, plan, self.record_grid))
         return outs if several else outs[0]
 
@@ -411,7 +411,7 @@ class StraightenCPR(Transform):
                 missing = plan.size[1] - plan.n_valid
                 if missing > 0:
                     out = torch.cat([out, out.new_full((*out.shape[:-1], missing), self.padding_value)], -1)
-                check_finite_output(out)
+                check_finite_output(out, data)
                 outs.append(_wrap(out.to(_output_dtype(data, self.dtype)), img, plan, self.record_grid))
             results.append(outs if several else outs[0])
         return results
@@ -491,7 +491,7 @@ class StraightenCPRd(MapTransform):
         for plan in plans:
             for key, mode, pad, out_dtype in items:
                 out = plan.sample(tensors[key], mode, pad, max_threads=limit)
-                check_finite_output(out, repr(key))
+                check_finite_output(out, tensors[key], repr(key))
                 outputs[key].append(_wrap(out.to(_output_dtype(tensors[key], out_dtype)), d[key], plan,
                                           self.cpr.record_grid))
         for key, outs in outputs.items():

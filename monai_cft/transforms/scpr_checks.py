@@ -87,9 +87,12 @@ def image_and_affine(img: Any, affine: Any | None, name: str = "img") -> tuple[t
     return data, aff
 
 
-def check_finite_output(out: torch.Tensor, name: str = "img") -> None:
-    """Raise when the sampled values are not finite: the volume has NaN / inf voxels where it is sampled."""
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+def check_finite_output(out: torch.Tensor, source: torch.Tensor, name: str = "img") -> None:
+    """Raise when the values sampled from a floating-point ``source`` are not finite (NaN / inf voxels where
+    the sCPR samples it); integer volumes cannot hold them and are not checked."""
+    if not (source.is_floating_point() or source.is_complex()):
+        return
+    if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise ValueError(
             f"{name} has NaN or infinite voxels where the sCPR samples it ({bad} of {out.numel()} output values "

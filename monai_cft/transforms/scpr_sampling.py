@@ -102,15 +102,15 @@ class RuledGrid:
     def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
                    shift: Sequence[float] = (0.0, 0.0, 0.0)) -> list[torch.Tensor]:
         """The three coordinates of every point minus ``shift``, each a contiguous ``shape`` tensor."""
-        a = self.offsets.view(-1, 1)
+        c = (self.c - torch.as_tensor(shift, dtype=torch.float64)).to(device=device, dtype=dtype)  # shift in float64
+        u = self.u.to(device=device, dtype=dtype)
+        a = self.offsets.to(device=device, dtype=dtype)
+        v = self.v.to(device=device, dtype=dtype) if self.out_dims == 3 else None
         out = []
         for k in range(3):
-            plane = (self.c[:, k] - shift[k]).view(1, -1) + a * self.u[:, k].view(1, -1)  # (H, Wv), float64
-            plane = plane.to(device=device, dtype=dtype)
-            if self.out_dims == 3:
-                vk = self.v[:, k].to(device=device, dtype=dtype).view(1, 1, -1)
-                ak = self.offsets.to(device=device, dtype=dtype).view(1, -1, 1)
-                plane = torch.addcmul(plane.unsqueeze(1), ak, vk)  # (H, H, Wv)
+            plane = torch.addcmul(c[:, k].unsqueeze(0), a.unsqueeze(1), u[:, k].unsqueeze(0))  # (H, Wv)
+            if v is not None:
+                plane = torch.addcmul(plane.unsqueeze(1), a.view(1, -1, 1), v[:, k].view(1, 1, -1))  # (H, H, Wv)
             out.append(plane)
         return out
 
@@ -167,23 +167,27 @@ def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, 
     # slow); 32-bit indices when the storage allows; trilinear as three lerps of the gathered corners
     itype = torch.int32 if flat.numel() * max(channels, 1) < 2**31 else torch.int64
     views = ((2, 1, 1, -1), (1, 2, 1, -1), (1, 1, 2, -1))
-    base, lin, inside, fracs = 0, 0, None, []
+    base, lin, inside, fracs = None, 0, None, []
     for k, comp in enumerate(comps):
         f = torch.floor(comp)
         fracs.append(comp - f)
-        i0 = f.to(itype) + corner[k]
-        if fast:
-            base = base + i0 * strides[k + 1]
+        if fast:  # the corner's offset goes into the eight constant offsets below
+            i0 = f.to(itype)
+            base = i0 * strides[k + 1] if base is None else base.add_(i0, alpha=strides[k + 1])
             continue
+        i0 = f.to(itype) + corner[k]
         idx = torch.stack([i0, i0 + 1])  # (2, P): the neighbours along axis k
         ok = ((idx >= 0) & (idx <= shape[k] - 1)).view(views[k])
         inside = ok if inside is None else inside & ok
         lin = lin + (idx.clamp(0, shape[k] - 1) * strides[k + 1]).view(views[k])
     if fast:
-        offsets = torch.tensor([(c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
+        origin = sum(c * s for c, s in zip(corner, strides[1:]))
+        offsets = torch.tensor([origin + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
                                 for c in range(8)], dtype=itype, device=x.device)
         lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P)
-    lin = lin.reshape(1, 8, -1) + chan.to(itype).view(-1, 1, 1)
+    lin = lin.reshape(1, 8, -1)
+    if channels > 1:
+        lin = lin + chan.to(itype).view(-1, 1, 1)
     vals = flat.index_select(0, lin.view(-1)).view(channels, 2, 2, 2, -1).to(compute)
     if not fast:
         vals = torch.where(inside.reshape(1, 2, 2, 2, -1), vals, pad.view(-1, 1, 1, 1, 1))
