@@ -68,6 +68,23 @@ def test_missing_dscm_names_the_fine_tuning(tmp_path):
     assert "finetune_pos_seg" in res.stderr
 
 
+def test_dry_run_prints_the_offline_start_command(tmp_path):
+    models = tmp_path / "outputs" / "models"
+    models.mkdir(parents=True)
+    for name in ("segmentor_guidance.pt", "dscm_cft_pos_seg.pt", "dscm_cft_seg.pt"):
+        (models / name).write_bytes(b"")  # only their presence is checked before the server starts
+    res = _serve("--studies", str(tmp_path / "studies"), "--models", str(models), "--port", "8123", "--dry-run")
+    if not HAS_MONAILABEL:
+        assert res.returncode == 2 and "MONAI Label is not installed" in res.stderr and "--no-deps" in res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    cmd = res.stdout.strip().splitlines()[-1]
+    assert "-m monailabel.main start_server --app " in cmd and f"--studies {tmp_path / 'studies'}" in cmd
+    assert f"--conf models {models}" in cmd and "--conf zoo_source github" in cmd and "-i 127.0.0.1 -p 8123" in cmd
+    assert "CFT modes ['seg', 'pos_seg']" in res.stdout
+    assert not (tmp_path / "studies").exists()  # a dry run writes nothing
+
+
 def test_importing_the_package_needs_no_monailabel():
     code = ("import sys, monai_cft, monai_cft.monailabel, monai_cft.monailabel.models, monai_cft.monailabel.inputs; "
             "print('monailabel' in sys.modules)")
@@ -329,9 +346,13 @@ def test_scoring_stores_the_nine_variables_in_the_image_info(server, tmp_path):
     import requests
 
     _put_image(server, "scpr_c", _scpr_path(server, 2))
+    _tube_volume(tmp_path / "volume.nii.gz")
+    _put_image(server, "volume_c", tmp_path / "volume.nii.gz")
     res = requests.post(f"{server['url']}/scoring/measure", params={"run_sync": "true"}, timeout=300)
     assert res.status_code == 200, res.text
-    assert "scpr_c" in res.json()["measured"] and "volume_a" in res.json()["skipped"]
+    assert "scpr_c" in res.json()["measured"] and "3 dimensions" in res.json()["skipped"]["volume_c"]
+    info = requests.get(f"{server['url']}/datastore/image/info", params={"image": "volume_c"}, timeout=60).json()
+    assert "monai_cft_variables" not in info
     info = requests.get(f"{server['url']}/datastore/image/info", params={"image": "scpr_c"}, timeout=60).json()
     assert list(info["monai_cft_variables"]) == VARIABLES
     result, _ = _decode(_infer(server, "segmentation", "scpr_c"), tmp_path, "seg")
@@ -368,11 +389,25 @@ BAD_REQUESTS = [  # (what, method, path, query, params form field, status, words
 ]
 
 
+@pytest.fixture(scope="session")
+def bad_request_images(server, tmp_path_factory):
+    """The images the bad requests name (uploaded here unless an earlier test did)."""
+    present = _datastore(server)["objects"]
+    if "scpr_a" not in present:
+        _put_image(server, "scpr_a", _scpr_path(server, 0))
+    if "volume_a" not in present:
+        path = tmp_path_factory.mktemp("volume") / "volume.nii.gz"
+        _tube_volume(path)
+        _put_image(server, "volume_a", path)
+    return server
+
+
 @needs_server
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_requests_get_a_clear_http_error_and_change_nothing(server, case):
+def test_bad_requests_get_a_clear_http_error_and_change_nothing(bad_request_images, case):
     import requests
 
+    server = bad_request_images
     _, method, path, query, params, status, words = case
     before = _datastore(server)
     files_before = sorted(str(p.relative_to(server["studies"])) for p in server["studies"].rglob("*")
@@ -394,7 +429,10 @@ def test_one_train_round_fine_tunes_the_segmentor_on_final_labels(server, tmp_pa
     url = server["url"]
     res = requests.post(f"{url}/train/segmentation", params={"run_sync": "true"}, json={"max_epochs": 0}, timeout=60)
     assert res.status_code == 400 and "max_epochs" in res.json()["detail"]
+    present = _datastore(server)["objects"]
     for image_id, index in (("scpr_a", 0), ("scpr_b", 1)):
+        if image_id not in present:
+            _put_image(server, image_id, _scpr_path(server, index))
         label = server["scpr"] / "labels" / _scpr_path(server, index).name
         with open(label, "rb") as fh:
             res = requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"},

@@ -26,7 +26,7 @@ APP_MAIN = (
 )
 INSTALL_HINT = ("MONAI Label is not installed; install the extra as docs/monailabel.md says: "
                 "pip install -c requirements-monailabel.txt -e '.[monailabel]' && "
-                "pip install -c requirements-monailabel.txt --no-deps monailabel==0.8.5")
+                "pip install -c requirements-monailabel.txt --no-deps monailabel==0.8.5 pydicom-seg==0.4.1")
 
 
 def server_command(studies: Path, models: Path, workspace: Path, host: str, port: int, device: str,
@@ -96,14 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("monailabel") is None:
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    studies.mkdir(parents=True, exist_ok=True)
-    write_app(workspace)
     cmd = server_command(studies, models, workspace, args.host, args.port, args.device, args.server_args)
     print(f"monai-cft MONAI Label server: models {models} (CFT modes {modes}), studies {studies}, "
           f"http://{args.host}:{args.port}/", flush=True)
     print(" ".join(cmd), flush=True)
     if args.dry_run:
         return 0
+    studies.mkdir(parents=True, exist_ok=True)
+    write_app(workspace)
     env = dict(os.environ)
     env.setdefault("MONAI_ZOO_SOURCE", "github")
     sys.stdout.flush()

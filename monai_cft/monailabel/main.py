@@ -106,9 +106,6 @@ class MONAICFTApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict[str, Any]:
         return {"measure": MeasureVariables(self.store)}
 
-    def init_strategies(self) -> dict[str, Any]:
-        return {}
-
     # ------------------------------------------------------------------ requests
     @staticmethod
     def _unknown(kind: str, name: Any, valid: Any) -> HTTPException:
