@@ -199,8 +199,9 @@ class SCPRGeometry:
         }
         if record_grid:
             grid = torch.full((*self.world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
-            for k, comp in enumerate(self.world.components(torch.float64)):  # float64, rounded once
-                grid[..., : self.n_valid, k] = comp
+            # a plane in float64 rounded once; a straightened volume (H x H times more) in float32 (~1e-5 mm)
+            dtype = torch.float64 if self.out_dims == 2 else torch.float32
+            grid[..., : self.n_valid, :] = torch.stack(self.world.components(dtype), -1)
             out[SCPR_GRID_KEY] = grid
         return out
 

@@ -37,6 +37,9 @@ __all__ = ["RuledGrid", "sample_ruled", "sample_ruled_batch", "sampling_threads"
 
 #: below this many gathered values per call, sampling runs on one thread (threads cost more than they give).
 PARALLEL_WORK = 1 << 19
+#: margin (voxels) kept between the points and any edge a fast path relies on: the points are computed in
+#: float32 relative to the box corner, so they may move by about 1e-5 voxel.
+EDGE = 1e-3
 
 
 def free_cores() -> int:
@@ -148,7 +151,7 @@ def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, 
     channels, shape, strides = x.shape[0], x.shape[1:], x.stride()
     flat = _storage_view(x)
     # coordinates relative to the box corner: small numbers, so float32 keeps ~1e-5 voxel
-    corner = [int(math.floor(float(v))) for v in grid.bounds()[0]]
+    corner = [int(math.floor(float(v) - EDGE)) for v in grid.bounds()[0]]
     comps = [c.reshape(-1) for c in grid.components(compute, x.device, shift=corner)]
     chan = torch.arange(channels, device=x.device) * strides[0]
     pad = padding.to(device=x.device, dtype=compute)
@@ -197,12 +200,13 @@ def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, 
 
 
 def crop_box(grid: RuledGrid, spatial_shape: Sequence[int]) -> tuple[list[int], list[int], bool]:
-    """Voxel box ``[lo, hi]`` (inclusive) holding every interpolation neighbour, clipped to one voxel
-    beyond the volume, and whether some points lie beyond that clipped box (they need clamping)."""
+    """Voxel box ``[lo, hi]`` (inclusive) holding every interpolation neighbour (with a margin of
+    ``EDGE`` voxel for the float32 rounding of the points), clipped to one voxel beyond the volume, and
+    whether some points lie beyond that clipped box (they need clamping)."""
     lo, hi = grid.bounds()
-    lo_i = [max(int(math.floor(float(v))), -1) for v in lo]
-    hi_i = [min(int(math.floor(float(v))) + 1, n) for v, n in zip(hi, spatial_shape)]
-    beyond = any(float(lo[k]) < lo_i[k] or float(hi[k]) > hi_i[k] for k in range(3))
+    lo_i = [max(int(math.floor(float(v) - EDGE)), -1) for v in lo]
+    hi_i = [min(int(math.floor(float(v) + EDGE)) + 1, n) for v, n in zip(hi, spatial_shape)]
+    beyond = any(float(lo[k]) - EDGE < lo_i[k] or float(hi[k]) + EDGE > hi_i[k] for k in range(3))
     return lo_i, hi_i, beyond
 
 
@@ -252,8 +256,16 @@ def _sample_box_cpu(x: torch.Tensor, grid: RuledGrid, mode: str, pad: torch.Tens
     tiles = math.ceil(math.sqrt(sz))
     rows = math.ceil(sz / tiles)
     blocks = 1 if mode == "nearest" else 2  # bilinear: slice z and slice z + 1 as two channel blocks
-    mosaic = pad.view(1, -1, 1, 1, 1, 1).repeat(blocks, 1, rows, sx, tiles, sy)  # (B, C, rows, X, tiles, Y)
     z0, z1 = max(lo[2], 0), min(hi[2], x.shape[3] - 1)
+    inside = all(lo[k] >= 0 and hi[k] <= x.shape[k + 1] - 1 for k in range(3))
+    if inside:  # every used tile is copied below: only the unused ones need finite values
+        mosaic = torch.empty(blocks, channels, rows, sx, tiles, sy, dtype=compute, device=x.device)
+        for r in range(rows):
+            first = max(sz - r * tiles - 1, 0)  # block 1 of the last slice reads one slice beyond: padding
+            if first < tiles:
+                mosaic[:, :, r, :, first:, :] = pad.view(1, -1, 1, 1, 1)
+    else:
+        mosaic = pad.view(1, -1, 1, 1, 1, 1).repeat(blocks, 1, rows, sx, tiles, sy)  # (B, C, rows, X, tiles, Y)
     for block in range(blocks):
         for r in range(rows):  # the slices of tile row r that lie in the volume
             a, b = max(r * tiles + block, z0 - lo[2]), min((r + 1) * tiles + block, z1 - lo[2] + 1)
@@ -261,22 +273,27 @@ def _sample_box_cpu(x: torch.Tensor, grid: RuledGrid, mode: str, pad: torch.Tens
                 continue
             part = mosaic[block, :, r, :, a - r * tiles - block : b - r * tiles - block, :].permute(0, 1, 3, 2)
             _copy_box(part, x[..., lo[2] + a : lo[2] + b], [lo[0], lo[1], 0], [hi[0], hi[1], b - a - 1])
+    height, width = max(rows * sx - 1, 1), max(tiles * sy - 1, 1)
+    # normalized mosaic coordinates: per slice, the offset of its tile (a lookup table), plus x or y scaled
     gx, gy, gz = grid.components(compute, x.device, shift=lo)
     if clamp:
         gx, gy, gz = gx.clamp(0, sx - 1), gy.clamp(0, sy - 1), gz.clamp(0, sz - 1)
-    zi = torch.round(gz) if mode == "nearest" else torch.floor(gz).clamp(max=sz - 1)
-    tile_row = torch.floor(zi / tiles)
-    tile_col = zi - tile_row * tiles
-    height, width = rows * sx - 1, tiles * sy - 1
-    g = torch.stack([(gy + tile_col * sy) * (2.0 / max(width, 1)) - 1.0,
-                     (gx + tile_row * sx) * (2.0 / max(height, 1)) - 1.0], -1)
+    zf = torch.round(gz) if mode == "nearest" else torch.floor(gz)
+    zi = zf.to(torch.int32).view(-1)
+    slices = torch.arange(sz + 1, device=x.device, dtype=torch.float64)
+    row_of = torch.floor(slices / tiles)
+    col_of = slices - row_of * tiles
+    table = torch.stack([col_of * (sy * 2.0 / width) - 1.0, row_of * (sx * 2.0 / height) - 1.0], 1).to(compute)
+    g = table.index_select(0, zi)  # (P, 2) tile offsets
+    g[:, 0].add_(gy.view(-1), alpha=2.0 / width)
+    g[:, 1].add_(gx.view(-1), alpha=2.0 / height)
     image = mosaic.view(blocks * channels, rows * sx, tiles * sy).unsqueeze(0)
     out = F.grid_sample(image, g.view(1, -1, grid.shape[-1], 2), mode=mode, padding_mode="zeros",
                         align_corners=True)[0]  # (B * C, rows, Wv)
     out = out.reshape(blocks, channels, -1)
     if mode == "nearest":
         return out[0]
-    return torch.lerp(out[0], out[1], (gz - zi).reshape(1, -1))
+    return torch.lerp(out[0], out[1], (gz - zf).reshape(1, -1))
 
 
 def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor,
@@ -302,9 +319,9 @@ def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Ten
             lo, hi = grid.bounds()
             size = np.asarray(shape, dtype=np.float64)
             if mode == "nearest":
-                fast = bool((lo > -0.5).all() and (hi < size - 0.5).all())
+                fast = bool((lo > -0.5 + EDGE).all() and (hi < size - 0.5 - EDGE).all())
             else:
-                fast = bool((lo >= 0).all() and (hi < size - 1).all())
+                fast = bool((lo >= EDGE).all() and (hi < size - 1 - EDGE).all())
             out = _gather(x, grid, mode, padding, fast)
         elif x.device.type != "cpu":
             out = sample_ruled_batch([(x, grid)], mode, padding)[0]
