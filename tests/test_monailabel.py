@@ -273,6 +273,15 @@ def test_segmentation_keeps_the_geometry_and_names_the_labels(server, tmp_path):
     assert result["labels"] == LABELS and result["label_names"] == LABELS
     assert list(result["variables"]) == VARIABLES
     assert _datastore(server)["objects"]["scpr_a"]["labels"] == {}  # an infer result is not saved by itself
+    # an (H, W, 1) sCPR, as 3D Slicer saves 2D images, gets an (H, W, 1) label map with its affine
+    from monai_cft.data.io import save_nifti
+
+    slab = save_nifti(np.asarray(ref.dataobj)[:, :, None], ref.affine, tmp_path / "slab.nii.gz", np.float32)
+    with open(slab, "rb") as fh:
+        _, label3 = _decode(_infer(server, "segmentation", "", files={"file": ("slab.nii.gz", fh)}), tmp_path, "label3")
+    assert label3.shape == (*ref.shape, 1)
+    np.testing.assert_array_equal(np.asarray(label3.dataobj)[:, :, 0], values)
+    np.testing.assert_allclose(label3.affine, ref.affine)
 
 
 @needs_server

@@ -23,6 +23,7 @@ __all__ = [
     "get_int",
     "load_nifti",
     "load_scpr",
+    "file_shape",
     "load_volume",
     "resolve_centerline",
 ]
@@ -80,15 +81,15 @@ def load_nifti(path: Any, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_scpr(path: Any, img_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """An sCPR image (H, W) in HU of the model's size and its (4, 4) affine.
+    """An sCPR image (H, W) in HU of the model's size and its (4, 4) affine (an (H, W, 1) file is
+    read as (H, W); :func:`file_shape` gives the shape to write results back in).
 
     Raises:
         RequestError: not 2D (a 3D volume must go through the ``straighten`` task first), or not
             ``img_size``.
     """
     data, affine = load_nifti(path)
-    if data.ndim == 3 and data.shape[2] == 1:
-        data = data[:, :, 0]
+    data = data[:, :, 0] if data.ndim == 3 and data.shape[2] == 1 else data
     size = tuple(int(v) for v in img_size)
     if data.ndim != len(size):
         hint = " (straighten a 3D CCTA volume with the 'straighten' task first)" if data.ndim == 3 else ""
@@ -99,6 +100,13 @@ def load_scpr(path: Any, img_size: Sequence[int]) -> tuple[np.ndarray, np.ndarra
     if tuple(data.shape) != size:
         raise RequestError(f"sCPR image {Path(path).name!r} has shape {tuple(data.shape)}; the models take {size}.")
     return data, affine
+
+
+def file_shape(path: Any) -> tuple[int, ...]:
+    """The array shape stored in a NIfTI file (e.g. (H, W) or (H, W, 1)), read from its header."""
+    import nibabel as nib
+
+    return tuple(int(v) for v in nib.load(str(path)).shape)
 
 
 def load_volume(path: Any) -> tuple[np.ndarray, np.ndarray]:

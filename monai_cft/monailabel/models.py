@@ -2,12 +2,10 @@
 
 ``python -m monai_cft.pipeline`` writes them to ``outputs/models`` (``--output-dir``/models):
 
-==============================  ====================================================  ==================
-file                            what it is                                            used by
-==============================  ====================================================  ==================
-``segmentor_guidance.pt``       guidance segmentor (UNet, logits (B, 4, H, W))        straighten, segmentation, scoring, counterfactual
-``dscm_cft_<mode>.pt``          deep SCM fine-tuned in ``<mode>`` (none/reg/seg/pos_seg)  counterfactual
-==============================  ====================================================  ==================
+* ``segmentor_guidance.pt``: the guidance segmentor (UNet, (B, 1, H, W) in [-1, 1] -> (B, 4, H, W)
+  logits); used by straighten, segmentation, scoring and counterfactual;
+* ``dscm_cft_<mode>.pt``: the deep SCM fine-tuned in ``<mode>`` (``none``, ``reg``, ``seg``,
+  ``pos_seg``); used by counterfactual.
 
 The train task writes ``segmentor_finetuned.pt`` (the guidance segmentor fine-tuned on the
 datastore's labels) into the workspace folder; the segmentation task uses it once it exists. The

@@ -71,7 +71,9 @@ class CFTInferTask(BasicInferTask):
     """Base of the monai-cft infer tasks (subclasses implement ``load`` and ``run_inferer``).
 
     ``data["pred"]`` holds the output array, ``data["pred_affine"]`` its (4, 4) affine,
-    ``data["pred_dtype"]`` its on-disk dtype and ``data["result"]`` the JSON result.
+    ``data["pred_dtype"]`` its on-disk dtype, ``data["pred_shape"]`` (optional) the shape to write it
+    in (the input file's, so that an (H, W, 1) sCPR gets an (H, W, 1) result) and ``data["result"]``
+    the JSON result.
     """
 
     def __init__(self, store: ModelStore, type: Any, labels: Any, description: str, dimension: int = 2,
@@ -97,5 +99,8 @@ class CFTInferTask(BasicInferTask):
 
         fd, path = tempfile.mkstemp(prefix="monai_cft_", suffix=".nii.gz")
         os.close(fd)
-        save_nifti(np.asarray(data["pred"]), data["pred_affine"], path, data.get("pred_dtype", np.float32))
+        pred = np.asarray(data["pred"])
+        shape = data.get("pred_shape")  # the input file's shape, e.g. (H, W, 1) as 3D Slicer writes 2D images
+        pred = pred.reshape(shape) if shape is not None and int(np.prod(shape)) == pred.size else pred
+        save_nifti(pred, data["pred_affine"], path, data.get("pred_dtype", np.float32))
         return path, dict(data["result"])

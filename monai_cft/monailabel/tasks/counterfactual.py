@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from monai_cft.monailabel.inputs import RequestError, get_int, load_scpr, parse_params
+from monai_cft.monailabel.inputs import RequestError, file_shape, get_int, load_scpr, parse_params
 from monai_cft.monailabel.models import ModelStore
 from monai_cft.monailabel.tasks.base import CFTInferTask, check_spacing
 
@@ -135,5 +135,6 @@ class CounterfactualTask(CFTInferTask):
             self._results.move_to_end(key)
         which = data.get("output_map", "counterfactual")
         data["pred"], data["pred_affine"], data["pred_dtype"] = hit["maps"][which], data["scpr_affine"], np.float32
+        data["pred_shape"] = file_shape(data["image"])
         data["result"] = dict(hit["result"], output_map=which)
         return data

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from monai_cft.monailabel.inputs import load_scpr
+from monai_cft.monailabel.inputs import file_shape, load_scpr
 from monai_cft.monailabel.models import ModelStore
 from monai_cft.monailabel.tasks.base import CFTInferTask, check_spacing, measure_variables, scpr_spacing
 
@@ -48,6 +48,7 @@ class SegmentationTask(CFTInferTask):
         logits = segmentor(x.to(next(segmentor.parameters()).device))
         label = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         data["pred"], data["pred_affine"], data["pred_dtype"] = label, data["scpr_affine"], np.uint8
+        data["pred_shape"] = file_shape(data["image"])
         data["result"] = {
             "labels": dict(self.labels),
             "variables": measure_variables(segmentor, meta, data["scpr"]),
