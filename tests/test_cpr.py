@@ -598,16 +598,3 @@ def test_invalid_inputs(oblique):
         StraightenCPRd(keys=("image", "label"))({"image": img, "label": shifted, "centerline": tube.curve})
     with pytest.raises(KeyError, match="centerline"):
         StraightenCPRd(keys="image")({"image": img})
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_matches_cpu(oblique):
-    tube, img, lab = oblique
-    tr = StraightenCPRd(keys=("image", "label"), output_size=(32, 112), spacing=SP, angle=25.0,
-                        mode=("bilinear", "nearest"), padding_value=(0.0, 0))
-    cpu = tr({"image": img, "label": lab, "centerline": tube.curve})
-    gpu = tr({"image": img.cuda(), "label": lab.cuda(), "centerline": tube.curve})
-    assert gpu["image"].device.type == "cuda"
-    torch.testing.assert_close(gpu["image"].cpu().as_tensor(), cpu["image"].as_tensor(), atol=1e-4, rtol=0)
-    mismatch = (gpu["label"].cpu().as_tensor() != cpu["label"].as_tensor()).float().mean()
-    assert mismatch < 1e-3  # nearest may break exact ties differently
