@@ -187,22 +187,25 @@ class SCPRGeometry:
 
     def meta(self, record_grid: bool) -> dict[str, Any]:
         """The ``scpr_*`` metadata of the output (see :class:`StraightenCPR`); grids padded with NaN to W."""
-        width = self.size[1]
-        curve = torch.full((width, 3), float("nan"), dtype=torch.float32)
-        curve[: self.n_valid] = self.curve
+        width, valid = self.size[1], self.n_valid
+        curve = np.full((width, 3), np.nan, dtype=np.float32)
+        curve[:valid] = self.curve.numpy()
         out: dict[str, Any] = {
             SCPR_SPACING_KEY: self.spacing,
             SCPR_ANGLE_KEY: self.angle,
             SCPR_LENGTH_KEY: self.length,
-            SCPR_VALID_COLUMNS_KEY: self.n_valid,
-            SCPR_CENTERLINE_KEY: curve,
+            SCPR_VALID_COLUMNS_KEY: valid,
+            SCPR_CENTERLINE_KEY: torch.from_numpy(curve),
         }
         if record_grid:
-            grid = torch.full((*self.world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
-            # a plane in float64 rounded once; a straightened volume (H x H times more) in float32 (~1e-5 mm)
-            dtype = torch.float64 if self.out_dims == 2 else torch.float32
-            grid[..., : self.n_valid, :] = torch.stack(self.world.components(dtype), -1)
-            out[SCPR_GRID_KEY] = grid
+            if self.out_dims == 2:  # a plane: NumPy float64, rounded once
+                grid = np.full((self.world.shape[0], width, 3), np.nan, dtype=np.float32)
+                grid[:, :valid] = self.curve.numpy()[None] + self.offsets.numpy()[:, None, None] * self.normals.numpy()
+                out[SCPR_GRID_KEY] = torch.from_numpy(grid)
+            else:  # a straightened volume (H times more): float32 (about 1e-5 mm)
+                grid = torch.full((*self.world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
+                grid[..., :valid, :] = torch.stack(self.world.components(torch.float32), -1)
+                out[SCPR_GRID_KEY] = grid
         return out
 
     def output_affine(self) -> torch.Tensor:

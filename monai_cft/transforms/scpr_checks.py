@@ -73,12 +73,12 @@ def image_and_affine(img: Any, affine: Any | None, name: str = "img") -> tuple[t
                 "voxel indices to world mm (as LoadImage returns it), or give affine= explicitly."
             )
         affine = img.affine
-    aff = torch.as_tensor(np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine,
-                                     dtype=np.float64))
-    if aff.shape != (4, 4) or not torch.isfinite(aff).all():
+    aff = np.array(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
         raise ValueError(f"the affine of {name} must be a finite 4 x 4 matrix, got shape {tuple(aff.shape)}.")
-    if abs(float(torch.linalg.det(aff[:3, :3]))) < 1e-12:
+    if abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
         raise ValueError(f"the affine of {name} is singular: {aff.tolist()}.")
+    aff = torch.from_numpy(aff)
     data = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
     if data.ndim != 4:
         raise ValueError(f"{name} must be channel-first 3D (C, X, Y, Z), got shape {tuple(data.shape)}.")
