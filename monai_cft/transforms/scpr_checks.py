@@ -73,7 +73,9 @@ def image_and_affine(img: Any, affine: Any | None, name: str = "img") -> tuple[t
                 "voxel indices to world mm (as LoadImage returns it), or give affine= explicitly."
             )
         affine = img.affine
-    aff = np.array(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if isinstance(affine, torch.Tensor):
+        affine = (affine.as_tensor() if isinstance(affine, MetaTensor) else affine).detach().cpu().numpy()
+    aff = np.array(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.isfinite(aff).all():
         raise ValueError(f"the affine of {name} must be a finite 4 x 4 matrix, got shape {tuple(aff.shape)}.")
     if abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
