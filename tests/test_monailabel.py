@@ -38,7 +38,8 @@ LABELS = {"lumen": 1, "calcified": 2, "noncalcified": 3}
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(MONAI_LABEL_AUTO_UPDATE_SCORING="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("MONAI_LABEL_AUTO_UPDATE_SCORING", None)  # serve turns the background scoring off by default
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env
 
 
@@ -454,6 +455,9 @@ def test_one_train_round_fine_tunes_the_segmentor_on_final_labels(server, tmp_pa
     assert out["images"] == 2 and out["epochs"] == 2 and len(out["loss"]) == 2
     assert all(np.isfinite(out["loss"])) and 0.0 <= out["dice_after"] <= 1.0
     assert Path(out["model"]).is_file() and out["model"].endswith("segmentor_finetuned.pt")
+    stats = requests.get(f"{url}/info/", timeout=60).json()["train_stats"]["segmentation"]
+    assert stats["epoch"] == stats["total_epochs"] == 2 and stats["best_metric"] == pytest.approx(out["dice_after"])
+    assert stats["total_time"] >= 0  # what 3D Slicer's progress and accuracy bars read
     result, _ = _decode(_infer(server, "segmentation", "scpr_a"), tmp_path, "seg")
     assert result["segmentor"] == out["model"]  # the segmentation task now uses the fine-tuned segmentor
     assert not (server["models"] / "segmentor_finetuned.pt").exists()  # the main job's models are not touched

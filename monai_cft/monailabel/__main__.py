@@ -75,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     s.add_argument("--workspace", default=None,
                    help="app folder and fine-tuned segmentor (default: <studies>/.monai_cft)")
     s.add_argument("--device", default="cpu", help="torch device of the networks (cpu, cuda)")
+    s.add_argument("--auto-scoring", action="store_true",
+                   help="let MONAI Label run the scoring method in the background at start-up and after each training "
+                        "(off by default: while it runs, run_sync scoring calls are refused)")
     s.add_argument("--dry-run", action="store_true", help="check the models, print the command, do not start")
     s.add_argument("server_args", nargs="*", help="more monailabel start_server options, after --")
     return p.parse_args(argv)
@@ -106,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_app(workspace)
     env = dict(os.environ)
     env.setdefault("MONAI_ZOO_SOURCE", "github")
+    if args.auto_scoring:
+        env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "true"
+    else:
+        env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
     sys.stdout.flush()
     os.execve(sys.executable, cmd, env)  # the server keeps this process id: stopping it stops the server
     return 0
