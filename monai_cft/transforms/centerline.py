@@ -168,7 +168,7 @@ def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarr
     The double reflection of step ``i`` maps the plane normal to ``t_i`` onto the plane normal to
     ``t_(i+1)``. In a reference basis ``(e1_i, e2_i)`` of every such plane (any basis; here the least
     aligned world axis, projected) that map is a rotation by ``delta_i`` (or, when the second reflection
-    degenerates, a reflection: orientation ``s_i = -1``), so the normal's angle obeys
+    degenerates and only the first is applied, a reflection: ``s_i = -1``), so the normal's angle obeys
     ``phi_(i+1) = s_i phi_i + delta_i``: a prefix sum, computed for all points at once.
     """
     t = _tangents(pts)
@@ -182,21 +182,15 @@ def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarr
     c2 = _dot(v2, v2)
     safe = c2 > 1e-24
     c2 = np.where(safe, c2, 1.0)
-
-    def transport(x: np.ndarray) -> np.ndarray:  # the two reflections of step i applied to the rows x_i
-        x = x - (2.0 * _dot(v1, x) / c1) * v1
-        return np.where(safe, x - (2.0 * _dot(v2, x) / c2) * v2, x)
-
-    p, q = transport(e1[:-1]), transport(e2[:-1])
-    p1, p2 = _dot(p, e1[1:])[:, 0], _dot(p, e2[1:])[:, 0]
-    s = np.where(p1 * _dot(q, e2[1:])[:, 0] - p2 * _dot(q, e1[1:])[:, 0] < 0, -1.0, 1.0)
-    sigma = np.concatenate([[1.0], np.cumprod(s)])  # orientation of the map from plane 0 to plane i
-    psi = math.atan2(float(n0 @ e2[0]), float(n0 @ e1[0])) + np.concatenate(
-        [[0.0], np.cumsum(sigma[1:] * np.arctan2(p2, p1))])
+    p = e1[:-1] - (2.0 * _dot(v1, e1[:-1]) / c1) * v1  # e1_i through the two reflections of step i
+    p = np.where(safe, p - (2.0 * _dot(v2, p) / c2) * v2, p)
+    delta = np.arctan2(np.einsum("ij,ij->i", p, e2[1:]), np.einsum("ij,ij->i", p, e1[1:]))
+    sigma = np.concatenate([[1.0], np.cumprod(np.where(safe[:, 0], 1.0, -1.0))])  # orientation, plane 0 -> i
+    psi = math.atan2(float(n0 @ e2[0]), float(n0 @ e1[0])) + np.concatenate([[0.0], np.cumsum(sigma[1:] * delta)])
     phi = sigma * psi
-    n = np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2
-    n = _unit(n - _dot(n, t) * t)  # remove round-off drift, keep exact orthogonality
-    return t, n, _cross(t, n)
+    cos, sin = np.cos(phi)[:, None], np.sin(phi)[:, None]
+    # (e1, e2) is orthonormal and normal to t, so n is too; b = t x n = cos e2 - sin e1
+    return t, cos * e1 + sin * e2, cos * e2 - sin * e1
 
 
 def parallel_transport_frames(

@@ -133,7 +133,7 @@ class SCPRGeometry:
         self.normals, self.binormals = torch.from_numpy(n_a), torch.from_numpy(b_a)
         self.n_valid, self.size, self.spacing, self.angle, self.out_dims = n_valid, size, spacing, angle, out_dims
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
-        inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+        inv = np.linalg.inv(affine.numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine, np.float64))
         lin, shift = inv[:3, :3], inv[:3, 3]
         shape = np.asarray(self.spatial_shape, dtype=np.float64)
         vox_c = curve @ lin.T + shift
@@ -145,7 +145,6 @@ class SCPRGeometry:
                 f"the image volume of shape {self.spatial_shape}; check that the centreline is "
                 "in the same world coordinates (mm) as the image affine."
             )
-        self.world = RuledGrid(curve, n_a, b_a, offsets, out_dims)
         self.voxels = RuledGrid(vox_c, n_a @ lin.T, b_a @ lin.T, offsets, out_dims)
         total_px = self.voxels.count // n_valid * width
         padded = 1.0 - self.voxels.count_inside(self.spatial_shape) / total_px
@@ -156,6 +155,11 @@ class SCPRGeometry:
                 f"output size {tuple(size)}; check spacing and output_size (mm per pixel, pixels).",
                 stacklevel=3,
             )
+
+    @property
+    def world(self) -> RuledGrid:
+        """The pixels' ruled grid in world mm."""
+        return RuledGrid(self.curve, self.normals, self.binormals, self.offsets, self.out_dims)
 
     @property
     def grid_world(self) -> torch.Tensor:
@@ -199,12 +203,13 @@ class SCPRGeometry:
         }
         if record_grid:
             if self.out_dims == 2:  # a plane: NumPy float64, rounded once
-                grid = np.full((self.world.shape[0], width, 3), np.nan, dtype=np.float32)
+                grid = np.full((self.offsets.numel(), width, 3), np.nan, dtype=np.float32)
                 grid[:, :valid] = self.curve.numpy()[None] + self.offsets.numpy()[:, None, None] * self.normals.numpy()
                 out[SCPR_GRID_KEY] = torch.from_numpy(grid)
             else:  # a straightened volume (H times more): float32 (about 1e-5 mm)
-                grid = torch.full((*self.world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
-                grid[..., :valid, :] = torch.stack(self.world.components(torch.float32), -1)
+                world = self.world
+                grid = torch.full((*world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
+                grid[..., :valid, :] = torch.stack(world.components(torch.float32), -1)
                 out[SCPR_GRID_KEY] = grid
         return out
 

@@ -88,18 +88,22 @@ class RuledGrid:
     """
 
     def __init__(self, c: Any, u: Any, v: Any, offsets: Any, out_dims: int):
-        arrays = [np.asarray(z.detach().cpu() if isinstance(z, torch.Tensor) else z, dtype=np.float64)
-                  for z in (c, u, v, offsets)]
-        self.c, self.u, self.v, self.offsets = (torch.from_numpy(z) for z in arrays)
+        self.c, self.u, self.v, self.offsets = (
+            z.detach().cpu().to(torch.float64) if isinstance(z, torch.Tensor)
+            else torch.from_numpy(np.asarray(z, np.float64)) for z in (c, u, v, offsets))
         self.out_dims = out_dims
-        h, wv = arrays[3].size, arrays[0].shape[0]
+        h, wv = self.offsets.numel(), self.c.shape[0]
         self.shape: tuple[int, ...] = (h, wv) if out_dims == 2 else (h, h, wv)
         self.count = math.prod(self.shape)
-        spread = np.abs(arrays[3]).max() * (np.abs(arrays[1]) + (np.abs(arrays[2]) if out_dims == 3 else 0.0))
-        self._bounds = ((arrays[0] - spread).min(0), (arrays[0] + spread).max(0))
+        self._bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(3,) float64 minimum and maximum of every coordinate over all points (exact up to rounding)."""
+        if self._bounds is None:
+            c, u, v = self.c.numpy(), self.u.numpy(), self.v.numpy()
+            reach = float(np.abs(self.offsets.numpy()).max())
+            spread = reach * (np.abs(u) + (np.abs(v) if self.out_dims == 3 else 0.0))
+            self._bounds = ((c - spread).min(0), (c + spread).max(0))
         return self._bounds
 
     def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
