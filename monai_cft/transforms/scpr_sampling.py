@@ -106,20 +106,22 @@ class RuledGrid:
             self._bounds = ((c - spread).min(0), (c + spread).max(0))
         return self._bounds
 
+    def coords(self, dtype: torch.dtype, device: torch.device | str = "cpu",
+               shift: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+        """(3, *shape) tensor: the coordinates of every point minus ``shift`` (subtracted in float64)."""
+        c = (self.c - torch.as_tensor(shift, dtype=torch.float64)).T.to(device=device, dtype=dtype).contiguous()
+        u = self.u.T.to(device=device, dtype=dtype).contiguous()
+        a = self.offsets.to(device=device, dtype=dtype)
+        out = torch.addcmul(c.unsqueeze(1), a.view(1, -1, 1), u.unsqueeze(1))  # (3, H, Wv)
+        if self.out_dims == 3:
+            v = self.v.T.to(device=device, dtype=dtype).contiguous()
+            out = torch.addcmul(out.unsqueeze(2), a.view(1, 1, -1, 1), v.view(3, 1, 1, -1))  # (3, H, H, Wv)
+        return out.contiguous()
+
     def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
                    shift: Sequence[float] = (0.0, 0.0, 0.0)) -> list[torch.Tensor]:
         """The three coordinates of every point minus ``shift``, each a contiguous ``shape`` tensor."""
-        c = (self.c - torch.as_tensor(shift, dtype=torch.float64)).to(device=device, dtype=dtype)  # shift in float64
-        u = self.u.to(device=device, dtype=dtype)
-        a = self.offsets.to(device=device, dtype=dtype)
-        v = self.v.to(device=device, dtype=dtype) if self.out_dims == 3 else None
-        out = []
-        for k in range(3):
-            plane = torch.addcmul(c[:, k].unsqueeze(0), a.unsqueeze(1), u[:, k].unsqueeze(0))  # (H, Wv)
-            if v is not None:
-                plane = torch.addcmul(plane.unsqueeze(1), a.view(1, -1, 1), v[:, k].view(1, 1, -1))  # (H, H, Wv)
-            out.append(plane)
-        return out
+        return list(self.coords(dtype, device, shift).unbind(0))
 
     def points(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
         """``(*shape, 3)`` tensor of the points."""
@@ -156,51 +158,65 @@ def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, 
     flat = _storage_view(x)
     # coordinates relative to the box corner: small numbers, so float32 keeps ~1e-5 voxel
     corner = [int(math.floor(float(v) - EDGE)) for v in grid.bounds()[0]]
-    comps = [c.reshape(-1) for c in grid.components(compute, x.device, shift=corner)]
-    chan = torch.arange(channels, device=x.device) * strides[0]
+    coords = grid.coords(compute, x.device, shift=corner).view(3, -1)  # (3, P)
+    itype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    stride = torch.tensor(strides[1:], dtype=itype, device=x.device).view(3, 1)
+    origin = sum(c * s for c, s in zip(corner, strides[1:]))
+    chan = (torch.arange(channels, device=x.device, dtype=itype) * strides[0]).view(-1, 1, 1)
     pad = padding.to(device=x.device, dtype=compute)
+    if fast:  # all neighbours inside the volume and the coordinates positive: truncation is floor
+        idx = (torch.round(coords) if mode == "nearest" else coords).to(itype)
+        base = (idx * stride).sum(0, dtype=itype)  # (P,)
+        if mode == "nearest":
+            lin = base.unsqueeze(0) + origin
+        else:
+            offsets = torch.tensor([origin + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
+                                    for c in range(8)], dtype=itype, device=x.device)
+            lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P), corner-major
+        if channels > 1:
+            lin = lin.unsqueeze(0) + chan
+        vals = flat.index_select(0, lin.reshape(-1)).view(channels, *lin.shape[-2:]).to(compute)
+        if mode == "nearest":
+            return vals[:, 0]
+        fracs = torch.frac(coords)
+    else:
+        vals, fracs = _gather_masked(flat, coords, corner, shape, strides, mode, itype, chan, pad)
+        if mode == "nearest":
+            return vals
+    vals = vals.view(channels, 2, 2, 2, -1)
+    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[0])  # (C, 2, 2, P)
+    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[1])  # (C, 2, P)
+    return torch.lerp(vals[:, 0], vals[:, 1], fracs[2])  # (C, P)
+
+
+def _gather_masked(flat: torch.Tensor, coords: torch.Tensor, corner: Sequence[int], shape: Sequence[int],
+                   strides: Sequence[int], mode: str, itype: torch.dtype, chan: torch.Tensor, pad: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_gather` where neighbours may lie outside the volume: clamped indices, padding where outside.
+    Returns the (C, P) nearest values or the (C, 8, P) corner values and the (3, P) fractions."""
+    channels = chan.shape[0]
     if mode == "nearest":
         lin, inside = 0, None
-        for k, comp in enumerate(comps):
-            r = torch.round(comp).long() + corner[k]
-            if not fast:
-                ok = (r >= 0) & (r <= shape[k] - 1)
-                inside = ok if inside is None else inside & ok
-                r = r.clamp(0, shape[k] - 1)
-            lin = lin + r * strides[k + 1]
-        vals = flat.index_select(0, (lin.unsqueeze(0) + chan.view(-1, 1)).view(-1)).view(channels, -1).to(compute)
-        return vals if fast else torch.where(inside, vals, pad.view(-1, 1))
-    # corner-major (2, 2, 2, P) layouts keep the long axis innermost (broadcasts over size-2 inner axes are
-    # slow); 32-bit indices when the storage allows; trilinear as three lerps of the gathered corners
-    itype = torch.int32 if flat.numel() * max(channels, 1) < 2**31 else torch.int64
-    views = ((2, 1, 1, -1), (1, 2, 1, -1), (1, 1, 2, -1))
-    base, lin, inside, fracs = None, 0, None, []
-    for k, comp in enumerate(comps):
-        f = torch.floor(comp)
-        fracs.append(comp - f)
-        if fast:  # the corner's offset goes into the eight constant offsets below
-            i0 = f.to(itype)
-            base = i0 * strides[k + 1] if base is None else base.add_(i0, alpha=strides[k + 1])
-            continue
-        i0 = f.to(itype) + corner[k]
+        for k in range(3):
+            r = torch.round(coords[k]).to(itype) + corner[k]
+            ok = (r >= 0) & (r <= shape[k] - 1)
+            inside = ok if inside is None else inside & ok
+            lin = lin + r.clamp(0, shape[k] - 1) * strides[k + 1]
+        vals = flat.index_select(0, (lin.unsqueeze(0) + chan.view(-1, 1)).reshape(-1)).view(channels, -1)
+        return torch.where(inside, vals.to(pad.dtype), pad.view(-1, 1)), None
+    views = ((2, 1, 1, -1), (1, 2, 1, -1), (1, 1, 2, -1))  # corner-major: the long axis innermost
+    floor = torch.floor(coords)
+    lin, inside = 0, None
+    for k in range(3):
+        i0 = floor[k].to(itype) + corner[k]
         idx = torch.stack([i0, i0 + 1])  # (2, P): the neighbours along axis k
         ok = ((idx >= 0) & (idx <= shape[k] - 1)).view(views[k])
         inside = ok if inside is None else inside & ok
         lin = lin + (idx.clamp(0, shape[k] - 1) * strides[k + 1]).view(views[k])
-    if fast:
-        origin = sum(c * s for c, s in zip(corner, strides[1:]))
-        offsets = torch.tensor([origin + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
-                                for c in range(8)], dtype=itype, device=x.device)
-        lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P)
-    lin = lin.reshape(1, 8, -1)
-    if channels > 1:
-        lin = lin + chan.to(itype).view(-1, 1, 1)
-    vals = flat.index_select(0, lin.view(-1)).view(channels, 2, 2, 2, -1).to(compute)
-    if not fast:
-        vals = torch.where(inside.reshape(1, 2, 2, 2, -1), vals, pad.view(-1, 1, 1, 1, 1))
-    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[0])  # (C, 2, 2, P)
-    vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[1])  # (C, 2, P)
-    return torch.lerp(vals[:, 0], vals[:, 1], fracs[2])  # (C, P)
+    lin = lin.reshape(1, 8, -1) + chan
+    vals = flat.index_select(0, lin.reshape(-1)).view(channels, 8, -1).to(pad.dtype)
+    vals = torch.where(inside.reshape(1, 8, -1), vals, pad.view(-1, 1, 1))
+    return vals, coords - floor
 
 
 def crop_box(grid: RuledGrid, spatial_shape: Sequence[int]) -> tuple[list[int], list[int], bool]:
