@@ -103,14 +103,14 @@ def resample_centerline(points: Any, step: float, num: int | None = None) -> tor
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products of two (M, 3) arrays, (M, 1)."""
-    return np.einsum("ij,ij->i", a, b)[:, None]
+    """Row-wise dot products of two (..., 3) arrays, (..., 1)."""
+    return np.einsum("...j,...j->...", a, b)[..., None]
 
 
 def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cross products of two (M, 3) arrays (faster than ``np.cross`` for small arrays)."""
-    return np.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
-                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], 1)
+    """Row-wise cross products of two (..., 3) arrays (faster than ``np.cross`` for small arrays)."""
+    return np.stack([a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1], a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2],
+                     a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]], -1)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -118,11 +118,11 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 def _tangents(points: np.ndarray) -> np.ndarray:
-    """Unit tangents by central differences (one-sided at the ends) of (M, 3) points, M >= 2."""
+    """Unit tangents by central differences (one-sided at the ends) of (..., M, 3) points, M >= 2."""
     d = np.empty_like(points)
-    d[1:-1] = points[2:] - points[:-2]
-    d[0] = points[1] - points[0]
-    d[-1] = points[-1] - points[-2]
+    d[..., 1:-1, :] = points[..., 2:, :] - points[..., :-2, :]
+    d[..., 0, :] = points[..., 1, :] - points[..., 0, :]
+    d[..., -1, :] = points[..., -1, :] - points[..., -2, :]
     return _unit(d)
 
 
@@ -140,30 +140,28 @@ def check_vector(value: Any, name: str) -> torch.Tensor | None:
     return vec
 
 
+def _least_aligned_axes(t: np.ndarray) -> np.ndarray:
+    """(..., 3) unit vectors orthogonal to the rows of ``t``: each row's least aligned world axis (first on
+    ties), projected."""
+    axes = np.zeros_like(t)
+    np.put_along_axis(axes, np.argmin(np.abs(t), axis=-1)[..., None], 1.0, axis=-1)
+    return _unit(axes - _dot(axes, t) * t)
+
+
 def _initial_normal(t0: np.ndarray, initial_normal: Any | None) -> np.ndarray:
-    """First frame normal: ``initial_normal`` (or the least aligned world axis) orthogonal to ``t0``."""
+    """First frame normals (..., 3): ``initial_normal`` (or the least aligned world axis) orthogonal to ``t0``."""
     checked = check_vector(initial_normal, "initial_normal")
-    if checked is None:
-        ref = np.zeros(3)
-        ref[int(np.argmin(np.abs(t0)))] = 1.0  # least aligned world axis, first on ties
-    else:
-        ref = checked.numpy()
-    n0 = ref - (ref @ t0) * t0
-    norm = np.linalg.norm(n0)
-    if norm < 1e-6 * float(np.linalg.norm(ref)):
+    ref = np.eye(3)[np.argmin(np.abs(t0), axis=-1)] if checked is None else np.broadcast_to(checked.numpy(), t0.shape)
+    n0 = ref - _dot(ref, t0) * t0
+    norm = np.sqrt(_dot(n0, n0))
+    if (norm < 1e-6 * np.sqrt(_dot(ref, ref))).any():
         raise ValueError(f"initial_normal {initial_normal!r} is parallel to the first tangent {t0.tolist()}.")
     return n0 / norm
 
 
-def _least_aligned_axes(t: np.ndarray) -> np.ndarray:
-    """(M, 3) unit vectors orthogonal to the rows of ``t``: each row's least aligned world axis, projected."""
-    axes = np.zeros_like(t)
-    axes[np.arange(t.shape[0]), np.argmin(np.abs(t), axis=1)] = 1.0
-    return _unit(axes - _dot(axes, t) * t)
-
-
 def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`parallel_transport_frames` of a cleaned (M, 3) float64 NumPy polyline, as NumPy arrays.
+    """:func:`parallel_transport_frames` of cleaned float64 NumPy polylines: (M, 3), or (K, M, 3) for K
+    polylines of M points each (one vectorized pass), giving NumPy arrays of the same shape.
 
     The double reflection of step ``i`` maps the plane normal to ``t_i`` onto the plane normal to
     ``t_(i+1)``. In a reference basis ``(e1_i, e2_i)`` of every such plane (any basis; here the least
@@ -172,23 +170,24 @@ def frames(pts: np.ndarray, initial_normal: Any | None = None) -> tuple[np.ndarr
     ``phi_(i+1) = s_i phi_i + delta_i``: a prefix sum, computed for all points at once.
     """
     t = _tangents(pts)
-    n0 = _initial_normal(t[0], initial_normal)
+    n0 = _initial_normal(t[..., 0, :], initial_normal)
     e1 = _least_aligned_axes(t)
     e2 = _cross(t, e1)
-    v1 = pts[1:] - pts[:-1]
+    v1 = pts[..., 1:, :] - pts[..., :-1, :]
     c1 = _dot(v1, v1)
-    t_l = t[:-1] - (2.0 * _dot(v1, t[:-1]) / c1) * v1
-    v2 = t[1:] - t_l
+    t_l = t[..., :-1, :] - (2.0 * _dot(v1, t[..., :-1, :]) / c1) * v1
+    v2 = t[..., 1:, :] - t_l
     c2 = _dot(v2, v2)
     safe = c2 > 1e-24
     c2 = np.where(safe, c2, 1.0)
-    p = e1[:-1] - (2.0 * _dot(v1, e1[:-1]) / c1) * v1  # e1_i through the two reflections of step i
+    p = e1[..., :-1, :] - (2.0 * _dot(v1, e1[..., :-1, :]) / c1) * v1  # e1_i through the reflections of step i
     p = np.where(safe, p - (2.0 * _dot(v2, p) / c2) * v2, p)
-    delta = np.arctan2(np.einsum("ij,ij->i", p, e2[1:]), np.einsum("ij,ij->i", p, e1[1:]))
-    sigma = np.concatenate([[1.0], np.cumprod(np.where(safe[:, 0], 1.0, -1.0))])  # orientation, plane 0 -> i
-    psi = math.atan2(float(n0 @ e2[0]), float(n0 @ e1[0])) + np.concatenate([[0.0], np.cumsum(sigma[1:] * delta)])
-    phi = sigma * psi
-    cos, sin = np.cos(phi)[:, None], np.sin(phi)[:, None]
+    delta = np.arctan2(_dot(p, e2[..., 1:, :])[..., 0], _dot(p, e1[..., 1:, :])[..., 0])
+    ones = np.ones((*delta.shape[:-1], 1))
+    sigma = np.concatenate([ones, np.cumprod(np.where(safe[..., 0], 1.0, -1.0), -1)], -1)  # orientation 0 -> i
+    phi0 = np.arctan2(_dot(n0, e2[..., 0, :]), _dot(n0, e1[..., 0, :]))  # (..., 1)
+    phi = sigma * (phi0 + np.concatenate([0.0 * ones, np.cumsum(sigma[..., 1:] * delta, -1)], -1))
+    cos, sin = np.cos(phi)[..., None], np.sin(phi)[..., None]
     # (e1, e2) is orthonormal and normal to t, so n is too; b = t x n = cos e2 - sin e1
     return t, cos * e1 + sin * e2, cos * e2 - sin * e1
 

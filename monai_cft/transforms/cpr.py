@@ -61,7 +61,7 @@ from .scpr_checks import (
     check_padding,
     image_and_affine,
 )
-from .scpr_sampling import RuledGrid, sample_ruled, sampling_threads
+from .scpr_sampling import RuledGrid, sample_ruled, sample_ruled_many, sampling_threads
 
 __all__ = [
     "SCPR_GRID_KEY",
@@ -112,17 +112,14 @@ class SCPRGeometry:
     """
 
     def __init__(self, centerline: Any, affine: torch.Tensor, spatial_shape: Sequence[int], size: tuple[int, int],
-                 spacing: float, angle: float, out_dims: int, initial_normal: Any | None) -> None:
-        pts = clean_points(centerline)  # the planning runs on NumPy float64 (small arrays, no thread pool)
+                 spacing: float, angle: float, out_dims: int, initial_normal: Any | None,
+                 _planned: tuple[Any, ...] | None = None) -> None:
+        # the planning runs on NumPy float64 (small arrays, no thread pool); ``many`` passes it precomputed
         height, width = size
+        pts, frame_pts, n_valid = _resampled(centerline, spacing, width) if _planned is None else _planned[:3]
         self.length = float(np.sqrt(((pts[1:] - pts[:-1]) ** 2).sum(1)).sum())
-        # one point beyond the last column (or the distal end) so that the last tangent is central
-        frame_pts = resample_points(pts, spacing, width + 1)
-        n_valid = min(frame_pts.shape[0], width)
         curve = frame_pts[:n_valid]
-        if frame_pts.shape[0] == n_valid and np.linalg.norm(pts[-1] - curve[-1]) > DUPLICATE_TOL_MM:
-            frame_pts = np.concatenate([curve, pts[-1:]], 0)
-        t, n, b = frames(frame_pts, initial_normal)  # frame_pts: equal steps, no repeats
+        t, n, b = frames(frame_pts, initial_normal) if _planned is None else _planned[3:]
         t, n, b = t[:n_valid], n[:n_valid], b[:n_valid]
         a = math.radians(angle)
         n_a = math.cos(a) * n + math.sin(a) * b
@@ -156,6 +153,22 @@ class SCPRGeometry:
                 stacklevel=3,
             )
 
+    @classmethod
+    def many(cls, centerlines: Sequence[Any], affine: torch.Tensor, spatial_shape: Sequence[int],
+             size: tuple[int, int], spacing: float, angle: float, out_dims: int, initial_normal: Any | None
+             ) -> list[SCPRGeometry]:
+        """The geometries of several centrelines, their frames computed together (one vectorized pass per
+        group of equally long resampled centrelines)."""
+        resampled = [_resampled(c, spacing, size[1]) for c in centerlines]
+        framed: list[tuple[np.ndarray, ...] | None] = [None] * len(resampled)
+        for m in {r[1].shape[0] for r in resampled}:
+            group = [i for i, r in enumerate(resampled) if r[1].shape[0] == m]
+            t, n, b = frames(np.stack([resampled[i][1] for i in group]), initial_normal)
+            for j, i in enumerate(group):
+                framed[i] = (t[j], n[j], b[j])
+        return [cls(c, affine, spatial_shape, size, spacing, angle, out_dims, initial_normal, (*r, *f))
+                for c, r, f in zip(centerlines, resampled, framed)]
+
     @property
     def world(self) -> RuledGrid:
         """The pixels' ruled grid in world mm."""
@@ -182,7 +195,10 @@ class SCPRGeometry:
         """
         x = data.as_tensor() if isinstance(data, MetaTensor) else data
         pad = torch.as_tensor(padding, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        out = sample_ruled(x, self.voxels, mode, pad, strategy, max_threads)
+        return self.pad_columns(sample_ruled(x, self.voxels, mode, pad, strategy, max_threads), pad)
+
+    def pad_columns(self, out: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Append the columns beyond the vessel's end (``pad``: (C,) values) to a sampled (C, ..., Wv)."""
         missing = self.size[1] - self.n_valid
         if missing > 0:
             fill = pad.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
@@ -216,6 +232,28 @@ class SCPRGeometry:
     def output_affine(self) -> torch.Tensor:
         """(4, 4) float64 ``diag(spacing, spacing, spacing, 1)``: the straightened image's pixdim."""
         return torch.diag(torch.tensor([self.spacing] * 3 + [1.0], dtype=torch.float64))
+
+
+def _resampled(centerline: Any, spacing: float, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The cleaned centreline, its points at arc lengths ``j * spacing`` for the ``n_valid`` columns plus one
+    beyond the last column (or the distal end) so that the last tangent is central, and ``n_valid``."""
+    pts = clean_points(centerline)
+    frame_pts = resample_points(pts, spacing, width + 1)
+    n_valid = min(frame_pts.shape[0], width)
+    if frame_pts.shape[0] == n_valid and np.linalg.norm(pts[-1] - frame_pts[-1]) > DUPLICATE_TOL_MM:
+        frame_pts = np.concatenate([frame_pts, pts[-1:]], 0)
+    return pts, frame_pts, n_valid
+
+
+def _sample_all(data: torch.Tensor, plans: Sequence[SCPRGeometry], mode: str, padding: float,
+                max_threads: int) -> list[torch.Tensor]:
+    """Every plan's sCPR of one volume; several sparse ones are gathered in one pass."""
+    x = data.as_tensor() if isinstance(data, MetaTensor) else data
+    pad = torch.full((x.shape[0],), float(padding), dtype=torch.float64)
+    if len(plans) == 1:
+        return [plans[0].sample(x, mode, pad, max_threads=max_threads)]
+    sampled = sample_ruled_many(x, [p.voxels for p in plans], mode, pad, max_threads)
+    return [p.pad_columns(s, pad) for p, s in zip(plans, sampled)]
 
 
 def _wrap(out: torch.Tensor, src: torch.Tensor, plan: SCPRGeometry, record_grid: bool) -> torch.Tensor:
@@ -368,6 +406,12 @@ class StraightenCPR(Transform):
     def plans(self, centerlines: Sequence[Any], affine: torch.Tensor, spatial_shape: Sequence[int]
               ) -> list[SCPRGeometry]:
         """:meth:`plan` of each centreline; an error names the centreline (its index) it comes from."""
+        if len(centerlines) > 1:
+            try:
+                return SCPRGeometry.many(centerlines, affine, spatial_shape, self.output_size, self.spacing, self.angle,
+                                         self.out_dims, self.initial_normal)
+            except ValueError:
+                pass  # planned one by one below, so that the error names the centreline
         out = []
         for k, line in enumerate(centerlines):
             try:
@@ -385,8 +429,8 @@ class StraightenCPR(Transform):
             lines, several = centerline_list(centerline)
             src = img if isinstance(img, MetaTensor) else data
             outs = []
-            for plan in self.plans(lines, aff, data.shape[1:]):
-                out = plan.sample(data, self.mode, self.padding_value, max_threads=limit)
+            plans = self.plans(lines, aff, data.shape[1:])
+            for plan, out in zip(plans, _sample_all(data, plans, self.mode, self.padding_value, limit)):
                 check_finite_output(out, data)
                 outs.append(_wrap(out.to(_output_dtype(data, self.dtype)), src, plan, self.record_grid))
         return outs if several else outs[0]
@@ -497,9 +541,8 @@ class StraightenCPRd(MapTransform):
         lines, several = centerline_list(d[self.centerline_key])
         plans = self.cpr.plans(lines, affine, shape)
         outputs: dict[Hashable, list[torch.Tensor]] = {key: [] for key, *_ in items}
-        for plan in plans:
-            for key, mode, pad, out_dtype in items:
-                out = plan.sample(tensors[key], mode, pad, max_threads=limit)
+        for key, mode, pad, out_dtype in items:
+            for plan, out in zip(plans, _sample_all(tensors[key], plans, mode, pad, limit)):
                 check_finite_output(out, tensors[key], repr(key))
                 outputs[key].append(_wrap(out.to(_output_dtype(tensors[key], out_dtype)), d[key], plan,
                                           self.cpr.record_grid))

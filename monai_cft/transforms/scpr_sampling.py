@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RuledGrid", "sample_ruled", "sample_ruled_batch", "sampling_threads"]
+__all__ = ["RuledGrid", "sample_ruled", "sample_ruled_many", "sample_ruled_batch", "sampling_threads"]
 
 #: below this many gathered values per call, sampling runs on one thread (threads cost more than they give).
 PARALLEL_WORK = 1 << 19
@@ -149,40 +149,44 @@ def _storage_view(x: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(x, (span,), (1,), x.storage_offset())
 
 
-def _gather(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor, fast: bool) -> torch.Tensor:
-    """Sample (C, X, Y, Z) ``x`` at the points by gathering their neighbours; (C, count) compute dtype.
+def _gather(x: torch.Tensor, grids: Sequence[RuledGrid], mode: str, padding: torch.Tensor, fast: bool
+            ) -> torch.Tensor:
+    """Sample (C, X, Y, Z) ``x`` at the points of ``grids`` (several only when ``fast``) by gathering their
+    neighbours, all in one pass; (C, total count) in the compute dtype, the grids' points one after the other.
 
     ``fast``: every neighbour is inside the volume (no masks needed)."""
     compute = _compute_dtype(x.dtype)
     channels, shape, strides = x.shape[0], x.shape[1:], x.stride()
     flat = _storage_view(x)
-    # coordinates relative to the box corner: small numbers, so float32 keeps ~1e-5 voxel
-    corner = [int(math.floor(float(v) - EDGE)) for v in grid.bounds()[0]]
-    coords = grid.coords(compute, x.device, shift=corner).view(3, -1)  # (3, P)
     itype = torch.int32 if flat.numel() < 2**31 else torch.int64
-    stride = torch.tensor(strides[1:], dtype=itype, device=x.device).view(3, 1)
-    origin = sum(c * s for c, s in zip(corner, strides[1:]))
     chan = (torch.arange(channels, device=x.device, dtype=itype) * strides[0]).view(-1, 1, 1)
     pad = padding.to(device=x.device, dtype=compute)
-    if fast:  # all neighbours inside the volume and the coordinates positive: truncation is floor
-        idx = (torch.round(coords) if mode == "nearest" else coords).to(itype)
-        base = (idx * stride).sum(0, dtype=itype)  # (P,)
+    # coordinates relative to each grid's box corner: small numbers, so float32 keeps ~1e-5 voxel
+    corners = [[int(math.floor(float(v) - EDGE)) for v in g.bounds()[0]] for g in grids]
+    parts = [g.coords(compute, x.device, shift=c).view(3, -1) for g, c in zip(grids, corners)]
+    coords = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # (3, P)
+    if not fast:
+        vals, fracs = _gather_masked(flat, coords, corners[0], shape, strides, mode, itype, chan, pad)
         if mode == "nearest":
-            lin = base.unsqueeze(0) + origin
-        else:
-            offsets = torch.tensor([origin + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
-                                    for c in range(8)], dtype=itype, device=x.device)
-            lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P), corner-major
+            return vals
+    else:  # all neighbours inside the volume and the coordinates positive: truncation is floor
+        idx = (torch.round(coords) if mode == "nearest" else coords).to(itype)
+        base = (idx * torch.tensor(strides[1:], dtype=itype, device=x.device).view(3, 1)).sum(0, dtype=itype)
+        origins = [sum(c * s for c, s in zip(corner, strides[1:])) for corner in corners]
+        start = parts[0].shape[1]
+        for part, origin in zip(parts[1:], origins[1:]):  # the first grid's origin goes into the offsets
+            base[start : start + part.shape[1]] += origin - origins[0]
+            start += part.shape[1]
+        cells = [0] if mode == "nearest" else range(8)
+        offsets = torch.tensor([origins[0] + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
+                                for c in cells], dtype=itype, device=x.device)
+        lin = base.unsqueeze(0) + offsets.unsqueeze(1)  # (8, P) corner-major, or (1, P)
         if channels > 1:
             lin = lin.unsqueeze(0) + chan
         vals = flat.index_select(0, lin.reshape(-1)).view(channels, *lin.shape[-2:]).to(compute)
         if mode == "nearest":
             return vals[:, 0]
         fracs = torch.frac(coords)
-    else:
-        vals, fracs = _gather_masked(flat, coords, corner, shape, strides, mode, itype, chan, pad)
-        if mode == "nearest":
-            return vals
     vals = vals.view(channels, 2, 2, 2, -1)
     vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[0])  # (C, 2, 2, P)
     vals = torch.lerp(vals[:, 0], vals[:, 1], fracs[1])  # (C, 2, P)
@@ -331,20 +335,50 @@ def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Ten
     box_voxels = math.prod(max(h - l_ + 1, 1) for l_, h in zip(lo_i, hi_i))
     neighbours = 1 if mode == "nearest" else 8
     if strategy == "auto":
-        strategy = "gather" if grid.count * neighbours <= box_voxels else "box"
+        strategy = _strategy(grid, box_voxels, mode)
     work = grid.count * neighbours * x.shape[0]
     ctx = sampling_threads(work, max_threads) if x.device.type == "cpu" else contextlib.nullcontext()
     with ctx, torch.autocast(x.device.type, enabled=False):
         if strategy == "gather":
-            lo, hi = grid.bounds()
-            size = np.asarray(shape, dtype=np.float64)
-            if mode == "nearest":
-                fast = bool((lo > -0.5 + EDGE).all() and (hi < size - 0.5 - EDGE).all())
-            else:
-                fast = bool((lo >= EDGE).all() and (hi < size - 1 - EDGE).all())
-            out = _gather(x, grid, mode, padding, fast)
+            out = _gather(x, [grid], mode, padding, _fast(grid, shape, mode))
         elif x.device.type != "cpu":
             out = sample_ruled_batch([(x, grid)], mode, padding)[0]
         else:
             out = _sample_box_cpu(x, grid, mode, padding.to(_compute_dtype(x.dtype)), lo_i, hi_i, beyond)
     return out.view(x.shape[0], *grid.shape)
+
+
+def _strategy(grid: RuledGrid, box_voxels: int, mode: str) -> str:
+    """``"gather"`` for sparse grids (fewer neighbours to read than voxels in their box), else ``"box"``."""
+    return "gather" if grid.count * (1 if mode == "nearest" else 8) <= box_voxels else "box"
+
+
+def _fast(grid: RuledGrid, shape: Sequence[int], mode: str) -> bool:
+    """Whether every neighbour of every point lies inside the volume (with the ``EDGE`` margin)."""
+    lo, hi = grid.bounds()
+    size = np.asarray(shape, dtype=np.float64)
+    if mode == "nearest":
+        return bool((lo > -0.5 + EDGE).all() and (hi < size - 0.5 - EDGE).all())
+    return bool((lo >= EDGE).all() and (hi < size - 1 - EDGE).all())
+
+
+def sample_ruled_many(x: torch.Tensor, grids: Sequence[RuledGrid], mode: str, padding: torch.Tensor,
+                      max_threads: int | None = None) -> list[torch.Tensor]:
+    """:func:`sample_ruled` of several grids of one volume (e.g. one per artery): the sparse ones whose
+    neighbours all lie inside the volume are gathered in one pass (sharing the per-operation costs), the
+    others one by one. Returns one (C, *grid.shape) tensor per grid, in order."""
+    shape = x.shape[1:]
+    joint = [i for i, g in enumerate(grids) if x.device.type == "cpu" and _fast(g, shape, mode)
+             and _strategy(g, math.prod(h - l_ + 1 for l_, h in zip(*crop_box(g, shape)[:2])), mode) == "gather"]
+    out: list[torch.Tensor | None] = [None] * len(grids)
+    if len(joint) > 1:
+        chosen = [grids[i] for i in joint]
+        work = sum(g.count for g in chosen) * (1 if mode == "nearest" else 8) * x.shape[0]
+        with sampling_threads(work, max_threads), torch.autocast(x.device.type, enabled=False):
+            flat = _gather(x, chosen, mode, padding, True)
+        for i, part in zip(joint, flat.split([g.count for g in chosen], dim=1)):
+            out[i] = part.reshape(x.shape[0], *grids[i].shape)
+    for i, g in enumerate(grids):
+        if out[i] is None:
+            out[i] = sample_ruled(x, g, mode, padding, max_threads=max_threads)
+    return out
