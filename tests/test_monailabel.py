@@ -93,6 +93,59 @@ def test_importing_the_package_needs_no_monailabel():
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
 
 
+# ---------------------------------------------------------------- request checks (no server)
+INVALID_INPUTS = [  # (function, arguments, words in the message)
+    ("parse_params", ('{"a": ', "params"), ["params", "not valid JSON"]),
+    ("parse_params", ("[1, 2]", "intervention"), ["intervention", "JSON object", "list"]),
+    ("get_int", ({"particles": 0}, "particles", 1, 1, 64), ["'particles' = 0", "[1, 64]"]),
+    ("get_int", ({"particles": 2.5}, "particles", 1, 1, 64), ["'particles'", "integer", "2.5"]),
+    ("get_int", ({"particles": True}, "particles", 1, 1, 64), ["'particles'", "True"]),
+    ("resolve_centerline", ({}, None), ["no centreline"]),
+    ("resolve_centerline", ({"centerline": [[0, 0, 0]]}, None), ["params 'centerline'", "at least 2 points"]),
+    ("resolve_centerline", ({"centerline": "/nowhere/c.csv"}, None), ["/nowhere/c.csv", "does not exist"]),
+    ("resolve_centerline", ({}, {"centerline": [[0, 0, float("nan")], [1, 1, 1]]}), ["datastore info", "non-finite"]),
+    ("load_scpr", ("", (32, 192)), ["no image given"]),
+    ("load_scpr", ("/nowhere/x.nii.gz", (32, 192)), ["/nowhere/x.nii.gz", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("name, args, words", INVALID_INPUTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(INVALID_INPUTS)])
+def test_invalid_request_inputs_name_the_value(name, args, words):
+    from monai_cft.monailabel import inputs
+
+    with pytest.raises(inputs.RequestError) as err:
+        getattr(inputs, name)(*args)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_valid_request_inputs(tmp_path):
+    from monai_cft.data.io import save_centerline, save_nifti
+    from monai_cft.monailabel import inputs
+
+    assert inputs.parse_params('{"a": 1}') == {"a": 1} and inputs.parse_params("") == {}
+    assert inputs.get_int({"particles": "3"}, "particles", 1, 1, 64) == 3 and inputs.get_int({}, "p", 1, 1, 2) == 1
+    pts = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
+    path = save_centerline(pts, tmp_path / "c.csv")
+    for request, info, source in (({"label": str(path)}, None, "uploaded"), ({"centerline": pts.tolist()}, None, "params"),
+                                  ({}, {"centerline": str(path)}, "datastore info")):
+        got, where = inputs.resolve_centerline(request, info)
+        np.testing.assert_allclose(got, pts)
+        assert source in where
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    for shape in ((32, 192), (32, 192, 1)):
+        save_nifti(np.zeros(shape, np.float32), affine, tmp_path / "s.nii.gz")
+        hu, aff = inputs.load_scpr(tmp_path / "s.nii.gz", (32, 192))
+        assert hu.shape == (32, 192) and np.allclose(aff, affine)
+        assert inputs.file_shape(tmp_path / "s.nii.gz") == shape
+    save_nifti(np.zeros((32, 96), np.float32), affine, tmp_path / "small.nii.gz")
+    with pytest.raises(inputs.RequestError, match=r"shape \(32, 96\); the models take \(32, 192\)"):
+        inputs.load_scpr(tmp_path / "small.nii.gz", (32, 192))
+    save_nifti(np.zeros((8, 8, 8), np.float32), np.eye(4), tmp_path / "vol.nii.gz")
+    assert inputs.load_volume(tmp_path / "vol.nii.gz")[0].shape == (8, 8, 8)
+    with pytest.raises(inputs.RequestError, match="3 dimensions"):
+        inputs.load_scpr(tmp_path / "vol.nii.gz", (32, 192))
+
+
 # ---------------------------------------------------------------- tiny models and the server
 def _train_tiny_models(root: Path) -> dict:
     """A hand-made quick-preset sCPR dataset, a guidance segmentor, a tiny DSCM and its Pos-Seg-CFT."""
@@ -240,6 +293,12 @@ def _datastore(server) -> dict:
     return res.json()
 
 
+def _stored_files(server) -> list[str]:
+    """The datastore's image and label files (MONAI Label's own lock and index files aside)."""
+    studies = server["studies"]
+    return sorted(str(p.relative_to(studies)) for p in studies.rglob("*.nii*") if ".monai_cft" not in p.parts)
+
+
 def _scpr_path(server, index: int) -> Path:
     """Images of the test split of make_scpr_dataset (0: case_0010, 1: case_0009, 2: case_0011)."""
     return server["scpr"] / "images" / f"case_{(10, 9, 11)[index]:04d}.nii.gz"
@@ -333,6 +392,10 @@ def test_counterfactual_follows_the_intervention(server, tmp_path):
     measured = result["variables"][var]["measured"]
     assert measured < factual - 0.1, result["variables"][var]  # the measured change follows the intervention
     assert result["change"][var] == pytest.approx(measured - factual)
+    # and up: a relative intervention raises the mid third's measured calcium
+    up, _ = _decode(_infer(server, "counterfactual", "scpr_b", dict(params, intervention={var: "+2"})), tmp_path, "up")
+    assert up["intervention"][var] == pytest.approx(factual + 2.0, abs=1e-3)
+    assert up["variables"][var]["measured"] > factual + 0.05, up["variables"][var]
     assert set(result["variables"]) == set(VARIABLES) and result["maps"] == ["counterfactual", "difference"]
     cf_hu = np.asarray(cf.dataobj)
     assert cf_hu.dtype == np.float32 and cf_hu.min() >= -300.5 and cf_hu.max() <= 1100.5  # HU, the network window
@@ -420,16 +483,14 @@ def test_bad_requests_get_a_clear_http_error_and_change_nothing(bad_request_imag
     server = bad_request_images
     _, method, path, query, params, status, words = case
     before = _datastore(server)
-    files_before = sorted(str(p.relative_to(server["studies"])) for p in server["studies"].rglob("*")
-                          if ".monai_cft" not in p.parts)
+    files_before = _stored_files(server)
     data = None if params is None else {"params": params}
     res = requests.request(method, server["url"] + path, params=query, data=data, timeout=300)
     assert res.status_code == status, res.text
     detail = res.json()["detail"]
     assert all(w in detail for w in words), detail
     assert _datastore(server) == before
-    assert sorted(str(p.relative_to(server["studies"])) for p in server["studies"].rglob("*")
-                  if ".monai_cft" not in p.parts) == files_before
+    assert _stored_files(server) == files_before
 
 
 @needs_server

@@ -68,7 +68,13 @@ def _install_error_handlers() -> None:
 
 
 class MONAICFTApp(MONAILabelApp):
-    """MONAI Label app serving the models of the monai-cft main job (see the module docstring)."""
+    """MONAI Label app serving the models of the monai-cft main job (see the module docstring).
+
+    Example (what ``python -m monai_cft.monailabel serve --studies studies`` runs)::
+
+        monailabel start_server --app studies/.monai_cft/app --studies studies \\
+            --conf models outputs/models --conf zoo_source github -i 127.0.0.1 -p 8000
+    """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})

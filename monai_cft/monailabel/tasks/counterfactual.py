@@ -57,6 +57,11 @@ class CounterfactualTask(CFTInferTask):
     counterfactual parents of the DSCM) and ``measured`` (the guidance segmentor on the
     counterfactual), all mm^2; ``change`` (measured - factual) for the intervened variables.
     Nothing is written to the datastore: a generated image is never a label.
+
+    Example (server running, ``docs/monailabel.md``)::
+
+        curl -X POST "$S/infer/counterfactual?image=scpr_0007&output=json" \\
+            -F 'params={"intervention": {"calcified_mid": "+10"}, "mode": "pos_seg"}'
     """
 
     def __init__(self, store: ModelStore, default_mode: str) -> None:

@@ -25,6 +25,10 @@ class MeasureVariables(ScoringMethod):
     and ``monai_cft_ts`` (seconds since the epoch). Other images (e.g. 3D volumes not yet
     straightened) are listed under ``skipped`` with the reason. Param ``images``: a list of image
     ids to measure (default all); an unknown id is refused before anything is stored.
+
+    Example (server running, ``docs/monailabel.md``)::
+
+        curl -X POST "$S/scoring/measure?run_sync=true"
     """
 
     def __init__(self, store: ModelStore) -> None:

@@ -23,6 +23,10 @@ class SegmentationTask(CFTInferTask):
     (``{"lumen": 1, "calcified": 2, "noncalcified": 3}``). Type ``segmentation``, so 3D Slicer's
     MONAI Label plugin lists it. Uses the train task's fine-tuned segmentor once one exists, else the
     guidance segmentor. The JSON result has ``variables``: the nine soft areas (mm^2) per region.
+
+    Example (server running, ``docs/monailabel.md``)::
+
+        curl -X POST "$S/infer/segmentation?image=scpr_0007&output=image" -o label.nii.gz
     """
 
     def __init__(self, store: ModelStore) -> None:

@@ -25,6 +25,10 @@ class StraightenTask(CFTInferTask):
     ``python -m monai_cft.data.prepare`` writes it; padding outside the volume is -1024 HU. The JSON
     result has ``variables`` (the nine regional areas in mm^2 measured by the guidance segmentor)
     and ``geometry``. Params: ``centerline``, ``angle`` (degrees about the vessel, default 0).
+
+    Example (server running, ``docs/monailabel.md``)::
+
+        curl -X POST "$S/infer/straighten?image=ct_0007&output=image" -F "label=@centerline.csv" -o scpr.nii.gz
     """
 
     def __init__(self, store: ModelStore) -> None:

@@ -45,6 +45,10 @@ class FinetuneSegmentor(TrainTask):
     ``best_metric`` = that Dice, ``total_time`` once finished), which :meth:`stats` returns in the
     server's ``/info/`` (``train_stats``): 3D Slicer's progress and accuracy bars read it while a
     background training runs in its own process.
+
+    Example (server running, ``docs/monailabel.md``)::
+
+        curl -X POST "$S/train/segmentation?run_sync=true" -H "Content-Type: application/json" -d '{"max_epochs": 2}'
     """
 
     def __init__(self, store: ModelStore) -> None:
