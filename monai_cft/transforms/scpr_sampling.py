@@ -11,7 +11,8 @@ extremes at the corners), so nothing of the size of the volume is ever touched:
   included, any strides), no copy or dtype conversion of the volume;
 * dense sampling (a 3D sCPR): the bounding box (plus the interpolation margin) is copied once, in
   the compute dtype, and sampled with ``grid_sample``. On the CPU the copy is laid out as a 2D
-  mosaic of z-slices with the next slice as a second channel, so that the vectorized 2D kernel does
+  mosaic of x-slices (each a (Y, Z) tile, copied as contiguous rows) with the next slice as a second
+  channel, so that the vectorized 2D kernel does
   the work and one ``lerp`` finishes the trilinear interpolation (the 3D kernel is scalar and runs on
   one thread); on CUDA the 3D kernel samples the box directly.
 
@@ -273,51 +274,51 @@ def sample_ruled_batch(items: Sequence[tuple[torch.Tensor, RuledGrid]], mode: st
 
 def _sample_box_cpu(x: torch.Tensor, grid: RuledGrid, mode: str, pad: torch.Tensor, lo: list[int],
                     hi: list[int], clamp: bool) -> torch.Tensor:
-    """The box as a mosaic of z-slices (T tiles per row), sampled with the vectorized 2D kernel."""
+    """The box as a mosaic of its x-slices (``tiles`` per row; each slice a (Y, Z) tile, copied as
+    contiguous rows), sampled with the vectorized 2D kernel; the next slice is a second channel block."""
     compute = _compute_dtype(x.dtype)
     channels = x.shape[0]
     sx, sy, sz = (h - l_ + 1 for l_, h in zip(lo, hi))
-    tiles = math.ceil(math.sqrt(sz))
-    rows = math.ceil(sz / tiles)
-    blocks = 1 if mode == "nearest" else 2  # bilinear: slice z and slice z + 1 as two channel blocks
-    z0, z1 = max(lo[2], 0), min(hi[2], x.shape[3] - 1)
+    tiles = math.ceil(math.sqrt(sx))
+    rows = math.ceil(sx / tiles)
+    blocks = 1 if mode == "nearest" else 2  # bilinear: slice x and slice x + 1 as two channel blocks
+    x0, x1 = max(lo[0], 0), min(hi[0], x.shape[1] - 1)
     inside = all(lo[k] >= 0 and hi[k] <= x.shape[k + 1] - 1 for k in range(3))
     if inside:  # every used tile is copied below: only the unused ones need finite values
-        mosaic = torch.empty(blocks, channels, rows, sx, tiles, sy, dtype=compute, device=x.device)
+        mosaic = torch.empty(blocks, channels, rows, sy, tiles, sz, dtype=compute, device=x.device)
         for r in range(rows):
-            first = max(sz - r * tiles - 1, 0)  # block 1 of the last slice reads one slice beyond: padding
+            first = max(sx - r * tiles - 1, 0)  # block 1 of the last slice reads one slice beyond: padding
             if first < tiles:
                 mosaic[:, :, r, :, first:, :] = pad.view(1, -1, 1, 1, 1)
     else:
-        mosaic = pad.view(1, -1, 1, 1, 1, 1).repeat(blocks, 1, rows, sx, tiles, sy)  # (B, C, rows, X, tiles, Y)
+        mosaic = pad.view(1, -1, 1, 1, 1, 1).repeat(blocks, 1, rows, sy, tiles, sz)  # (B, C, rows, Y, tiles, Z)
     for block in range(blocks):
         for r in range(rows):  # the slices of tile row r that lie in the volume
-            a, b = max(r * tiles + block, z0 - lo[2]), min((r + 1) * tiles + block, z1 - lo[2] + 1)
+            a, b = max(r * tiles + block, x0 - lo[0]), min((r + 1) * tiles + block, x1 - lo[0] + 1)
             if a >= b:
                 continue
-            part = mosaic[block, :, r, :, a - r * tiles - block : b - r * tiles - block, :].permute(0, 1, 3, 2)
-            _copy_box(part, x[..., lo[2] + a : lo[2] + b], [lo[0], lo[1], 0], [hi[0], hi[1], b - a - 1])
-    height, width = max(rows * sx - 1, 1), max(tiles * sy - 1, 1)
-    # normalized mosaic coordinates: per slice, the offset of its tile (a lookup table), plus x or y scaled
+            part = mosaic[block, :, r, :, a - r * tiles - block : b - r * tiles - block, :].permute(0, 2, 1, 3)
+            _copy_box(part, x[:, lo[0] + a : lo[0] + b], [0, lo[1], lo[2]], [b - a - 1, hi[1], hi[2]])
+    height, width = max(rows * sy - 1, 1), max(tiles * sz - 1, 1)
+    # normalized mosaic coordinates: per slice, the offset of its tile (a lookup table), plus y or z scaled
     gx, gy, gz = grid.components(compute, x.device, shift=lo)
     if clamp:
         gx, gy, gz = gx.clamp(0, sx - 1), gy.clamp(0, sy - 1), gz.clamp(0, sz - 1)
-    zf = torch.round(gz) if mode == "nearest" else torch.floor(gz)
-    zi = zf.to(torch.int32).view(-1)
-    slices = torch.arange(sz + 1, device=x.device, dtype=torch.float64)
+    xf = torch.round(gx) if mode == "nearest" else torch.floor(gx)
+    slices = torch.arange(sx + 1, device=x.device, dtype=torch.float64)
     row_of = torch.floor(slices / tiles)
     col_of = slices - row_of * tiles
-    table = torch.stack([col_of * (sy * 2.0 / width) - 1.0, row_of * (sx * 2.0 / height) - 1.0], 1).to(compute)
-    g = table.index_select(0, zi)  # (P, 2) tile offsets
-    g[:, 0].add_(gy.view(-1), alpha=2.0 / width)
-    g[:, 1].add_(gx.view(-1), alpha=2.0 / height)
-    image = mosaic.view(blocks * channels, rows * sx, tiles * sy).unsqueeze(0)
+    table = torch.stack([col_of * (sz * 2.0 / width) - 1.0, row_of * (sy * 2.0 / height) - 1.0], 1).to(compute)
+    g = table.index_select(0, xf.to(torch.int32).view(-1))  # (P, 2) tile offsets
+    g[:, 0].add_(gz.view(-1), alpha=2.0 / width)
+    g[:, 1].add_(gy.view(-1), alpha=2.0 / height)
+    image = mosaic.view(blocks * channels, rows * sy, tiles * sz).unsqueeze(0)
     out = F.grid_sample(image, g.view(1, -1, grid.shape[-1], 2), mode=mode, padding_mode="zeros",
                         align_corners=True)[0]  # (B * C, rows, Wv)
     out = out.reshape(blocks, channels, -1)
     if mode == "nearest":
         return out[0]
-    return torch.lerp(out[0], out[1], (gz - zf).reshape(1, -1))
+    return torch.lerp(out[0], out[1], (gx - xf).reshape(1, -1))
 
 
 def sample_ruled(x: torch.Tensor, grid: RuledGrid, mode: str, padding: torch.Tensor,
