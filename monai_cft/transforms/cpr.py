@@ -224,8 +224,9 @@ class SCPRGeometry:
                 out[SCPR_GRID_KEY] = torch.from_numpy(grid)
             else:  # a straightened volume (H times more): float32 (about 1e-5 mm)
                 world = self.world
-                grid = torch.full((*world.shape[:-1], width, 3), float("nan"), dtype=torch.float32)
-                grid[..., :valid, :] = torch.stack(world.components(torch.float32), -1)
+                grid = torch.empty((*world.shape[:-1], width, 3), dtype=torch.float32)
+                grid[..., valid:, :] = float("nan")
+                grid[..., :valid, :] = world.coords(torch.float32).permute(1, 2, 3, 0)
                 out[SCPR_GRID_KEY] = grid
         return out
 
