@@ -1,4 +1,4 @@
-"""MONAI transforms of monai-cft: sCPR straightening, region masks, structure measurements."""
+"""MONAI transforms of monai-cft: sCPR straightening and its inverse, region masks, structure measurements."""
 
 from .cpr import (
     SCPR_ANGLE_KEY,
