@@ -276,3 +276,15 @@ def test_gpu_matches_cpu(tubes):
     torch.testing.assert_close(gpu["image"].cpu().as_tensor(), cpu["image"].as_tensor(), atol=1e-2, rtol=0)  # HU
     mismatch = (gpu["label"].cpu().as_tensor() != cpu["label"].as_tensor()).float().mean()
     assert mismatch < 1e-3  # nearest may break exact ties differently
+
+
+def test_non_finite_voxels_are_refused_only_where_sampled(tubes):
+    tube, hu, _ = tubes["oblique"]
+    bad = hu.clone()
+    bad[0, 0, 0, 0] = float("nan")  # far from the vessel: never read
+    cpr = StraightenCPR((16, 96), SP)
+    torch.testing.assert_close(cpr(bad, tube.curve).as_tensor(), cpr(hu, tube.curve).as_tensor())
+    point = np.round(tube.point_at(10.0) / VOX).astype(int)
+    bad[0, point[0], point[1], point[2]] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite voxels where the sCPR samples it \(\d+ of 1536"):
+        cpr(bad, tube.curve)
