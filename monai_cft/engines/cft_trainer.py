@@ -58,6 +58,16 @@ from monai_cft.engines.common import (
 )
 from monai_cft.engines.guidance import GUIDANCE_BUILDERS
 from monai_cft.utils.checkpoint import load_torch_file, save_checkpoint
+from monai_cft.utils.distributed import (
+    all_ranks,
+    all_reduce_mean,
+    batch_rand_like,
+    batch_randint,
+    broadcast_parameters,
+    is_main_process,
+    sync_gradients,
+    world_size,
+)
 
 __all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
 
@@ -133,7 +143,9 @@ class ConstrainedELBO(nn.Module):
         if not self.has_target:
             raise RuntimeError("the ELBO target eps is not set: call set_target() or measure it first.")
         gap = self.eps.to(nelbo.dtype) - nelbo
-        damp = gap.detach().clamp(max=0.0) if self.one_sided else gap.detach()
+        # the damping factor from the ELBO of the whole (global) batch, so that data-parallel processes agree
+        damp = self.eps.to(nelbo.dtype) - all_reduce_mean(nelbo.detach())
+        damp = damp.clamp(max=0.0) if self.one_sided else damp
         return aux - (self.lmbda - self.damping * damp) * gap
 
     @torch.no_grad()
@@ -285,6 +297,7 @@ class CFTTrainer(Trainer):
         if self.guidance_loss is not None:
             self.guidance_loss.to(self.state.device)
 
+        broadcast_parameters(self.dscm)  # data-parallel: every process starts from rank 0's weights
         # which parameters train (the HVAE) and which are frozen (everything else)
         self.dscm.requires_grad_(False)
         self.hvae.requires_grad_(True)
@@ -309,6 +322,9 @@ class CFTTrainer(Trainer):
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.grad_skip = None if grad_skip is None else float(grad_skip)
         self.intervention_sampling = intervention_sampling
+        if intervention_sampling != "uniform" and world_size() > 1:
+            raise ValueError(f"intervention_sampling {intervention_sampling!r} permutes parents within a batch, which "
+                             f"{world_size()} processes cannot share; use 'uniform' for data-parallel fine-tuning.")
         self.noise_temperature = float(noise_temperature)
         self.elbo_target_batches = int(elbo_target_batches)
         if not math.isfinite(float(elbo_slack)) or float(elbo_slack) < 0:
@@ -390,8 +406,8 @@ class CFTTrainer(Trainer):
             self.logger.info(f"CFT ELBO target eps = {eps:.5f} nats per element (pretrained model {measured:.5f} "
                              f"+ slack {self.elbo_slack:g}).")
         if self.snapshot_interval is not None and self.snapshot_dir is not None and int(self.state.iteration) == 0:
-            for old in self.snapshot_dir.glob("iter_*.pt"):  # a fresh run: no snapshot of an earlier one survives
-                old.unlink()
+            for old in self.snapshot_dir.glob("iter_*.pt") if is_main_process() else ():
+                old.unlink()  # a fresh run: no snapshot of an earlier one survives
             self.save_snapshot()  # the pretrained model: the start of the curves
 
     @torch.no_grad()
@@ -416,6 +432,8 @@ class CFTTrainer(Trainer):
                 count += x.shape[0]
         finally:
             self.hvae.train(was_training)
+        # data-parallel: the mean over every process's batches (the ratio of the means is the ratio of the sums)
+        total, count = (float(v) for v in all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64)))
         if count == 0:
             raise ValueError("cannot measure the ELBO target: the training loader yielded no batch.")
         return total / count
@@ -427,7 +445,7 @@ class CFTTrainer(Trainer):
         (plain tensors, ``weights_only``-loadable); iteration 0 is the pretrained model. The
         evaluation turns the snapshots into gap closure and slope against updates.
         """
-        if self.snapshot_dir is None:
+        if self.snapshot_dir is None or not is_main_process():
             return None
         it = int(self.state.iteration)
         return save_checkpoint(self.snapshot_dir / f"iter_{it:06d}.pt", self.ema.module.state_dict(),
@@ -495,6 +513,8 @@ class CFTTrainer(Trainer):
     def _save_state(self, engine: Engine | None = None) -> None:
         from monai_cft.data.io import atomic_path
 
+        if not is_main_process():
+            return
         with atomic_path(self.state_path) as tmp:
             torch.save(self.state_for_resume(), tmp)
 
@@ -557,12 +577,12 @@ class CFTTrainer(Trainer):
             (normalized; only the masked entries matter).
         """
         b, v = parents_norm.shape
-        idx = torch.randint(v, (b,), device=parents_norm.device)
+        idx = batch_randint(v, b, device=parents_norm.device)
         mask = torch.nn.functional.one_hot(idx, v).bool()
         if self.intervention_sampling == "uniform":
             # uniform in the observed [min, max] of each variable = uniform in [-1, 1] once normalized
-            values = 2.0 * torch.rand_like(parents_norm) - 1.0
-        else:
+            values = 2.0 * batch_rand_like(parents_norm) - 1.0
+        else:  # a permutation within the batch: only one process (checked in __init__)
             values = parents_norm[torch.randperm(b, device=parents_norm.device)]
         return mask, values
 
@@ -607,13 +627,14 @@ class CFTTrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=True)
         engine.lagrange_optimizer.zero_grad(set_to_none=True)
         skipped, grad_norm = True, float("nan")
-        if torch.isfinite(loss):
+        if all_ranks(torch.isfinite(loss)):
             loss.backward()
             grad_norm, skipped = clip_and_check(engine.hvae.parameters(), engine.grad_clip, engine.grad_skip)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if not skipped:
             engine.optimizer.step()
             engine.lr_scheduler.step()
+            sync_gradients([engine.constraint.lmbda])
             engine.lagrange_optimizer.step()
             engine.constraint.clamp_()
             engine.ema.update(engine.hvae)
@@ -669,4 +690,6 @@ class CFTTrainer(Trainer):
                 "guidance": None if self.guidance_loss is None else type(self.guidance_loss).__name__,
             },
         )
+        if not is_main_process():  # data-parallel: rank 0 writes, the weights are the same on every rank
+            return Path(path)
         return save_checkpoint(path, self.dscm_state_dict(use_ema), out)

@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from monai_cft.utils.checks import check_count
+from monai_cft.utils.distributed import sync_gradients
 
 __all__ = [
     "ModelEMA",
@@ -138,6 +139,7 @@ def clip_and_check(
         raise ValueError(f"skip must be positive (or None), got {skip}.")
     if not params:
         return 0.0, False
+    sync_gradients(params)  # data-parallel: the averaged gradient is clipped and judged on every rank
     if math.isinf(clip):
         norms = torch._foreach_norm([p.grad for p in params])
         total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))

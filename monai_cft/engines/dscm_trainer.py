@@ -45,6 +45,7 @@ from monai_cft.engines.common import (
     lower_is_better,
     step_or_skip,
 )
+from monai_cft.utils.distributed import all_ranks, broadcast_parameters
 
 __all__ = ["DSCMTrainer", "DSCMEvaluator", "SampleMean", "dscm_optimizers", "SCHEDULES"]
 
@@ -227,6 +228,8 @@ class DSCMTrainer(Trainer):
         self.ema = ema if ema is not None else ModelEMA(network, decay=ema_decay)
         if self.ema.module is network:
             raise ValueError("ema must hold a copy of the network, not the network itself.")
+        broadcast_parameters(network)  # data-parallel: every process starts from rank 0's weights
+        broadcast_parameters(self.ema)
         self.image_key, self.parents_key = image_key, parents_key
         self.schedule, self.flow_epochs = schedule, int(flow_epochs)
         self.beta, self.beta_warmup_steps = float(beta), int(beta_warmup_steps)
@@ -277,7 +280,7 @@ class DSCMTrainer(Trainer):
             engine.flow_optimizer.zero_grad(set_to_none=True)
             flow_nll = -mechanisms.log_prob(pa).mean()
             out["flow_nll"] = float(flow_nll.detach())
-            if torch.isfinite(flow_nll):
+            if all_ranks(torch.isfinite(flow_nll)):
                 flow_nll.backward()
                 norm, skipped = step_or_skip(
                     engine.flow_optimizer, engine.flow_parameters, engine.flow_grad_clip, engine.flow_grad_skip
@@ -307,7 +310,7 @@ class DSCMTrainer(Trainer):
             out.update(beta=beta, nll=float(res["nll"].detach()), kl=float(res["kl"].detach()))
             out["elbo"] = out["nll"] + out["kl"]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            if torch.isfinite(loss):
+            if all_ranks(torch.isfinite(loss)):
                 loss.backward()
                 engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
                 norm, skipped = step_or_skip(engine.optimizer, engine.hvae_parameters, engine.grad_clip, engine.grad_skip)

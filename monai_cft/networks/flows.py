@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import zuko
 
+from monai_cft.utils.distributed import batch_rand_like
+
 __all__ = ["AttributeMechanisms", "topological_order"]
 
 
@@ -187,7 +189,7 @@ class AttributeMechanisms(nn.Module):
         self._check(values)
         width = (self.dequantize if self.training else 0.0) if dequantize is None else float(dequantize)
         if width > 0:
-            values = values + (torch.rand_like(values) - 0.5) * width
+            values = values + (batch_rand_like(values) - 0.5) * width
         cols = [self._dist(k, values).log_prob(values[:, k : k + 1]) for k in range(self.num_variables)]
         return torch.stack(cols, dim=1)
 

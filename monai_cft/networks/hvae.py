@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 
+from monai_cft.utils.distributed import batch_randn_like
 __all__ = [
     "HierarchicalVAE",
     "beta_schedule",
@@ -275,10 +276,10 @@ class _DecoderBlock(nn.Module):
             if z is None and enc is not None:
                 q_loc, q_raw = self.posterior(torch.cat([h_pa, enc], dim=1)).chunk(2, dim=1)
                 q_loc, q_std = q_loc.float(), F.softplus(q_raw.float() + _SOFTPLUS_ONE) + _MIN_STD
-                z = q_loc if mean else q_loc + q_std * torch.randn_like(q_loc)
+                z = q_loc if mean else q_loc + q_std * batch_randn_like(q_loc)
                 kl = gaussian_kl(q_loc, q_std, p_loc, p_std)
             elif z is None:
-                z = p_loc if mean else p_loc + temperature * p_std * torch.randn_like(p_loc)
+                z = p_loc if mean else p_loc + temperature * p_std * batch_randn_like(p_loc)
             h_pa = h_pa + feat + self.z_proj(z)
         return self.res(h_pa), z, kl
 
