@@ -459,6 +459,8 @@ BAD_REQUESTS = [  # (what, method, path, query, params form field, status, words
     ("unknown image", "post", "/infer/segmentation", {"image": "nope"}, "{}", 404, ["'nope'"]),
     ("unknown scoring method", "post", "/scoring/dice", {"run_sync": "true"}, None, 404, ["'dice'", "measure"]),
     ("unknown train task", "post", "/train/lumen", {"run_sync": "true"}, None, 404, ["'lumen'", "segmentation"]),
+    ("batch counterfactuals (stored as labels)", "post", "/batch/infer/counterfactual", {"run_sync": "true"}, None,
+     400, ["batch", "labels", "'counterfactual'"]),
 ]
 
 
