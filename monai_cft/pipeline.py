@@ -95,9 +95,18 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _bundle_cmd(python: str, bundle_dir: Path, run_id: str, configs: Sequence[str], **overrides) -> list[str]:
+def _bundle_cmd(python: str, bundle_dir: Path, run_id: str, configs: Sequence[str], nproc: int = 1,
+                **overrides) -> list[str]:
+    """``python -m monai.bundle run ...``; with ``nproc > 1`` a torchrun launch stacking ``multi_gpu.json``
+    (and ``multi_gpu_validate.json`` on a config with a ``validate`` section)."""
+    configs = list(configs)
+    launcher = [python]
+    if nproc > 1:
+        validated = any("validate" in json.loads((bundle_dir / "configs" / c).read_text()) for c in configs)
+        configs += ["multi_gpu.json"] + (["multi_gpu_validate.json"] if validated else [])
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}"]
     files = [str(bundle_dir / "configs" / c) for c in configs]
-    cmd = [python, "-m", "monai.bundle", "run", run_id, "--config_file", repr(files)]
+    cmd = [*launcher, "-m", "monai.bundle", "run", run_id, "--config_file", repr(files)]
     cmd += ["--meta_file", str(bundle_dir / "configs" / "metadata.json")]
     cmd += ["--logging_file", str(bundle_dir / "configs" / "logging.conf")]
     for key, value in overrides.items():
@@ -137,6 +146,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
 
     if args.torch_threads:
         common["torch_threads"] = args.torch_threads
+    nproc = int(getattr(args, "nproc", 1))
     stages = [
         Stage(
             "generate",
@@ -156,7 +166,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         ),
         Stage(
             "dscm",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], **common, **ep("dscm")),
+            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], nproc, **common, **ep("dscm")),
             requires_module="monai_cft.engines.dscm_trainer",
             description="deep SCM: attribute flows + hierarchical VAE",
             wave=2,
@@ -164,7 +174,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         ),
         Stage(
             "segmentor_guidance",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"], nproc,
                         segmentor_role="guidance", **common, **ep("segmentor")),
             requires_module="monai_cft.networks.predictors",
             description="guidance segmentor (UNet)",
@@ -173,7 +183,8 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         ),
         Stage(
             "regressor",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], **common, **ep("regressor")),
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], nproc, **common,
+                        **ep("regressor")),
             requires_module="monai_cft.networks.predictors",
             description="parent regressor (ResNet)",
             wave=2,
@@ -181,7 +192,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         ),
         Stage(
             "segmentor_eval",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"],
+            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"], nproc,
                         segmentor_role="eval", **common, **ep("segmentor_eval")),
             requires_module="monai_cft.networks.predictors",
             description="evaluation segmentor (SegResNet, other seed)",
@@ -193,7 +204,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         stages.append(
             Stage(
                 f"finetune_{mode}",
-                _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], cft_mode=mode, **common,
+                _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], nproc, cft_mode=mode, **common,
                             **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
                 requires_module="monai_cft.engines.cft_trainer",
                 description=f"counterfactual fine-tuning, mode {mode}",
@@ -492,6 +503,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="stages of one wave run at once (default: the number of cores)")
     p.add_argument("--torch-threads", type=count_arg(1), default=None,
                    help="torch threads per bundle stage (default: 1 when --jobs > 1, else torch's default)")
+    p.add_argument("--nproc", type=count_arg(1), default=1,
+                   help="processes per training stage (torchrun, configs/multi_gpu.json; each process takes the "
+                        "configs' batch_size, so the global batch is nproc x batch_size)")
     p.add_argument("--stages", nargs="*", default=None, help="run only these stages (default: all)")
     p.add_argument("--force", nargs="*", default=[], help="re-run these finished stages ('all' for every stage)")
     p.add_argument("--list", action="store_true", help="list the stages and exit")

@@ -127,3 +127,21 @@ def test_cft_two_processes_follow_one(setup, dscm_runs):
     assert m2["elbo_target"] == pytest.approx(m1["elbo_target"], rel=1e-6)
     assert sorted(p.name for p in (runs[2][0] / "models").iterdir()) == [
         "dscm.pt", "dscm_cft_pos_seg.pt", "segmentor_guidance.pt"]
+
+
+def test_pipeline_nproc_launches_training_stages_with_torchrun(tmp_path):
+    from monai_cft import pipeline
+
+    args = pipeline.parse_args(["--nproc", "2", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+    args.torch_threads = 1
+    stages = {s.name: s.command for s in pipeline.build_stages(args)}
+    for name in ("dscm", "segmentor_guidance", "segmentor_eval", "regressor", "finetune_pos_seg"):
+        cmd = stages[name]
+        assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m"]
+        files = eval(cmd[cmd.index("--config_file") + 1])
+        assert Path(files[-1]).name in ("multi_gpu.json", "multi_gpu_validate.json")
+        assert ("multi_gpu_validate.json" in files[-1]) == (name != "finetune_pos_seg")
+    assert "torch.distributed.run" not in stages["evaluate_pos_seg"] and "torch.distributed.run" not in stages["prepare"]
+    one = pipeline.parse_args(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+    one.torch_threads = 1
+    assert all("torch.distributed.run" not in (s.command or []) for s in pipeline.build_stages(one))
