@@ -7,7 +7,8 @@
 Sections: ``data`` (phantom generation and sCPR preparation, cases/s), ``scpr`` (straightening
 throughput of ``StraightenCPR`` against a SciPy ``map_coordinates`` reference sampling the same
 points), ``training`` (DSCM and CFT iterations: images/s, peak memory, parameters), ``inference``
-(counterfactual latency per image) and ``quickstart`` (stage times of ``python -m monai_cft.pipeline``).
+(counterfactual latency per image), ``quickstart`` (stage times of ``python -m monai_cft.pipeline``) and
+``distributed`` (DSCM training throughput with 1 and 2 torchrun processes).
 GPU rows run only where CUDA is available (bfloat16 autocast for the networks); elsewhere they say
 "not measured: no GPU in this session". ``--tiny`` runs every section at toy sizes as a smoke test
 (its numbers mean nothing and cannot be written to the docs).
@@ -31,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks import data, harness, inference, quickstart, scpr, training  # noqa: E402
+from benchmarks import data, distributed, harness, inference, quickstart, scpr, training  # noqa: E402
 
-__all__ = ["SECTIONS", "build_parser", "main", "data", "harness", "inference", "quickstart", "scpr", "training"]
+__all__ = ["SECTIONS", "build_parser", "main", "data", "distributed", "harness", "inference", "quickstart", "scpr", "training"]
 
 #: section name -> (markdown heading, benchmark function, argument adder)
 SECTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], str], Callable[[argparse.ArgumentParser], None]]] = {
@@ -42,6 +43,7 @@ SECTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], str], Callable[[ar
     "training": ("Training throughput", training.bench_training, training.add_arguments),
     "inference": ("Counterfactual inference latency", inference.bench_inference, inference.add_arguments),
     "quickstart": ("Quickstart pipeline", quickstart.bench_quickstart, quickstart.add_arguments),
+    "distributed": ("Data-parallel training (torchrun)", distributed.bench_distributed, distributed.add_arguments),
 }
 
 

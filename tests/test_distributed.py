@@ -145,3 +145,19 @@ def test_pipeline_nproc_launches_training_stages_with_torchrun(tmp_path):
     one = pipeline.parse_args(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
     one.torch_threads = 1
     assert all("torch.distributed.run" not in (s.command or []) for s in pipeline.build_stages(one))
+
+
+def test_distributed_benchmark_reads_epoch_times_and_needs_data(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark as bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    log = ("... Epoch[1] Complete. Time taken: 00:00:09.500\n... Epoch[2] Complete. Time taken: 00:01:02.250\n"
+           "... Epoch[2] Complete. Time taken: 00:01:02.750\n")
+    assert bench.distributed._epoch_seconds(log, 2) == pytest.approx(62.75)  # the slowest rank
+    assert bench.distributed._epoch_seconds(log, 3) is None
+    args = bench.build_parser().parse_args(["--only", "distributed", "--dist-dataset-dir", str(tmp_path / "none")])
+    args.command = "x"
+    with pytest.raises(FileNotFoundError, match="none/dataset.json"):
+        bench.distributed.bench_distributed(args)
