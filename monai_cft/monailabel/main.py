@@ -70,9 +70,9 @@ def _install_error_handlers() -> None:
 class MONAICFTApp(MONAILabelApp):
     """MONAI Label app serving the models of the monai-cft main job (see the module docstring).
 
-    Example (what ``python -m monai_cft.monailabel serve --studies studies`` runs)::
+    Example (what ``python -m monai_cft.monailabel serve --studies outputs/studies`` runs)::
 
-        monailabel start_server --app studies/.monai_cft/app --studies studies \\
+        monailabel start_server --app outputs/studies/.monai_cft/app --studies outputs/studies \\
             --conf models outputs/models --conf zoo_source github -i 127.0.0.1 -p 8000
     """
 

@@ -45,10 +45,11 @@ class MissingModelError(FileNotFoundError):
 
 
 def default_models_dir() -> Path:
-    """``outputs/models`` of the checkout: the main job's default model folder."""
-    from monai_cft.utils.bundle import find_bundle_root
+    """``outputs/models`` next to the ``monai_cft`` package (the checkout's): where
+    ``python -m monai_cft.pipeline`` writes its models when ``--output-dir`` is not given."""
+    import monai_cft
 
-    return Path(find_bundle_root()).parent / "outputs" / "models"
+    return Path(monai_cft.__file__).resolve().parent.parent / "outputs" / "models"
 
 
 def dscm_file(mode: str) -> str:
