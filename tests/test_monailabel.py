@@ -11,7 +11,6 @@ need no server run either way.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import signal

@@ -18,10 +18,8 @@ centreline, wrong image dimensionality, malformed JSON) are answered with HTTP 4
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -37,8 +35,6 @@ from monai_cft.monailabel.tasks.scoring import MeasureVariables
 from monai_cft.monailabel.tasks.segmentation import SegmentationTask
 from monai_cft.monailabel.tasks.straighten import StraightenTask
 from monai_cft.monailabel.tasks.train import FinetuneSegmentor
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["MONAICFTApp"]
 
