@@ -35,12 +35,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
@@ -56,7 +54,9 @@ from monai_cft.engines.common import (
     clip_and_check,
     linear_warmup,
 )
+from monai_cft.engines.constraint import ConstrainedELBO
 from monai_cft.engines.guidance import GUIDANCE_BUILDERS
+from monai_cft.engines.resume import ExactResumeMixin
 from monai_cft.utils.checkpoint import load_torch_file, save_checkpoint
 from monai_cft.utils.distributed import (
     all_ranks,
@@ -88,72 +88,6 @@ def check_cft_mode(mode: str) -> str:
     return mode
 
 
-class ConstrainedELBO(nn.Module):
-    """Lagrangian of ``min aux  s.t.  nelbo <= eps`` with a damping term.
-
-    ``forward(aux, nelbo) = aux - (lambda - damping * sg(eps - nelbo)) * (eps - nelbo)``: the
-    gradient in the model's weights is ``d aux + (lambda + damping * (nelbo - eps)) d nelbo``, so
-    the ELBO is pulled back towards ``eps`` from both sides; the gradient in ``lambda`` is
-    ``nelbo - eps``, ascended by the multiplier's optimizer (``maximize=True``) and ``lambda`` is
-    clamped at 0 after each step (:meth:`clamp_`).
-
-    With ``one_sided=True`` the damping acts only on a violation: the term is
-    ``damping * sg(min(eps - nelbo, 0))``, so an ELBO better than ``eps`` is left alone (an inequality
-    constraint) instead of being pushed back up to ``eps``; with a slack in ``eps`` this leaves the
-    guidance the whole slack to spend.
-
-    Args:
-        damping: weight of the damping term (100 in causal-gen).
-        lagrange_init: initial ``lambda`` (>= 0).
-        one_sided: damp violations only (see above); False is causal-gen's two-sided form.
-        elbo_target: ``eps`` in nats per image element, or ``None`` to set it later
-            (:meth:`set_target`); kept as a buffer so that it is saved and restored.
-
-    Shapes: ``aux`` and ``nelbo`` are scalars; so is the result.
-    """
-
-    def __init__(self, damping: float = 100.0, lagrange_init: float = 0.0, elbo_target: float | None = None,
-                 one_sided: bool = False) -> None:
-        super().__init__()
-        self.one_sided = bool(one_sided)
-        if not (math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"damping must be finite and >= 0, got {damping}.")
-        if not (math.isfinite(lagrange_init) and lagrange_init >= 0):
-            raise ValueError(f"lagrange_init must be finite and >= 0, got {lagrange_init}.")
-        self.damping = float(damping)
-        self.lmbda = nn.Parameter(torch.tensor(float(lagrange_init)))
-        self.register_buffer("eps", torch.tensor(float("nan")))
-        if elbo_target is not None:
-            self.set_target(elbo_target)
-
-    @property
-    def has_target(self) -> bool:
-        """Whether the ELBO target ``eps`` has been set."""
-        return bool(torch.isfinite(self.eps))
-
-    def set_target(self, value: float) -> None:
-        """Set the ELBO target ``eps`` (nats per image element)."""
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"the ELBO target must be finite, got {value}.")
-        self.eps.fill_(value)
-
-    def forward(self, aux: torch.Tensor, nelbo: torch.Tensor) -> torch.Tensor:
-        """Constrained objective for the guidance loss ``aux`` and the factual negative ELBO ``nelbo``."""
-        if not self.has_target:
-            raise RuntimeError("the ELBO target eps is not set: call set_target() or measure it first.")
-        gap = self.eps.to(nelbo.dtype) - nelbo
-        # the damping factor from the ELBO of the whole (global) batch, so that data-parallel processes agree
-        damp = self.eps.to(nelbo.dtype) - all_reduce_mean(nelbo.detach())
-        damp = damp.clamp(max=0.0) if self.one_sided else damp
-        return aux - (self.lmbda - self.damping * damp) * gap
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Project ``lambda`` back onto ``lambda >= 0``."""
-        self.lmbda.clamp_(min=0.0)
-
-
 def _module_prefix(parent: nn.Module, child: nn.Module) -> str:
     for name, module in parent.named_modules():
         if module is child:
@@ -161,7 +95,7 @@ def _module_prefix(parent: nn.Module, child: nn.Module) -> str:
     raise ValueError("the HVAE is not a sub-module of the DSCM.")
 
 
-class CFTTrainer(Trainer):
+class CFTTrainer(ExactResumeMixin, Trainer):
     """MONAI trainer for counterfactual fine-tuning (see the module docstring for the objective).
 
     Args:
@@ -452,44 +386,6 @@ class CFTTrainer(Trainer):
                                {"kind": "cft_snapshot", "cft_mode": self.mode, "iteration": it})
 
     # ------------------------------------------------------------------ exact resume
-    def _on_epoch_started(self, engine: Engine) -> None:
-        rng = self._resume_rng
-        if rng is not None and self._resume_skip:
-            torch.set_rng_state(rng["epoch"])  # the interrupted epoch: the shuffle it had before the interruption
-        elif rng is not None:  # resumed at an epoch boundary: the generators as they were at the save
-            self._set_rng(rng)
-            self._resume_rng = None
-        self._epoch_rng = torch.get_rng_state()
-
-    def _on_get_batch_started(self, engine: Engine) -> None:
-        if self._resume_rng is None:
-            return
-        rng, self._resume_rng = self._resume_rng, None
-        it = getattr(self, "_dataloader_iter", None)
-        for _ in range(self._resume_skip):  # the batches the interrupted run had already used this epoch
-            next(it)
-        self._resume_skip = 0
-        self._set_rng(rng)  # then the generators exactly as they were at the save
-
-    @staticmethod
-    def _set_rng(rng: Mapping[str, Any]) -> None:
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(("MT19937", rng["numpy"][0].numpy().astype(np.uint32), int(rng["numpy"][1]),
-                             int(rng["numpy"][2]), float(rng["numpy"][3])))
-        random.setstate((int(rng["python"][0]), tuple(int(v) for v in rng["python"][1]),
-                         None if rng["python"][2] is None else float(rng["python"][2])))
-
-    def _rng_state(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        return {
-            "torch": torch.get_rng_state(),
-            "epoch": self._epoch_rng,
-            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                      float(np_state[4])],
-            "python": [int(py_state[0]), list(py_state[1]), py_state[2]],
-        }
-
     def state_for_resume(self) -> dict[str, Any]:
         """Everything needed to continue an interrupted run, as a plain (``weights_only``-loadable) dict.
 
