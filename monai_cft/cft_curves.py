@@ -47,7 +47,7 @@ def snapshot_curves(scm: Any, snapshots: Sequence[tuple[int, Path]], evaluate: C
     Args:
         scm: the fine-tuned DSCM (its HVAE weights are replaced by each snapshot's, on a copy).
         snapshots: from :func:`list_snapshots`; the first must be iteration 0 (the No-CFT reference).
-        evaluate: :func:`monai_cft.evaluation.evaluate_counterfactuals`.
+        evaluate: :func:`monai_cft.evaluation_core.evaluate_counterfactuals`.
         images, variables: the evaluated split (N, 1, *spatial) / (N, V).
         ground_truth: the split's ground truth (``load_ground_truth``) or ``None`` (no gap closure).
         n_cases: cases used (the first ones, so the targets are the protocol's).

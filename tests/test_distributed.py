@@ -57,7 +57,7 @@ def _distance(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    scpr = make_scpr_dataset(root / "scpr_quick", n_train=8, n_val=2, n_test=2)
+    scpr = make_scpr_dataset(root / "scpr_quick", n_train=8, n_val=2, n_test=5)
     (root / "tiny.json").write_text(json.dumps(TINY))
     return root, scpr
 
@@ -93,7 +93,9 @@ def _grad_norms(text: str) -> list[float]:
     return [float(m) for m in re.findall(r"Iter: \d+/\d+ -- .*?grad_norm: ([0-9.eE+-]+)", text)]
 
 
-def test_cft_two_processes_follow_one(setup, dscm_runs):
+@pytest.fixture(scope="module")
+def cft_runs(setup, dscm_runs):
+    """Pos-Seg-CFT fine-tunings with 1 x 4 and 2 x 2 (and their logs)."""
     root, scpr = setup
     pretrained = dscm_runs[2][0] / "models"
     from monai_cft.networks.predictors import build_segmentor
@@ -104,16 +106,23 @@ def test_cft_two_processes_follow_one(setup, dscm_runs):
     seg_meta = {"kind": "segmentor", "role": "guidance", "arch": "unet", "out_channels": 4, "in_channels": 1,
                 "spatial_dims": 2, "img_size": meta["img_size"], "preset": "quick", "variables": meta["variables"]}
     segmentor = build_segmentor(2, "unet", 1, 4)  # one untrained guidance segmentor for both runs
+    evaluator = build_segmentor(2, "unet", 1, 4)  # and one evaluation segmentor
     runs = {}
     for nproc, batch in ((1, 4), (2, 2)):
         out = root / f"cft_{nproc}"
         (out / "models").mkdir(parents=True)
         shutil.copy(pretrained / "dscm.pt", out / "models" / "dscm.pt")
         save_checkpoint(out / "models" / "segmentor_guidance.pt", segmentor, seg_meta)
+        save_checkpoint(out / "models" / "segmentor_eval.pt", evaluator, dict(seg_meta, role="eval"))
         proc = torchrun(nproc, "finetune", ["common.json", "finetune.json", "multi_gpu.json"], out,
                         dataset_dir=scpr, ckpt_dir=out / "models", output_dir=out, batch_size=batch, torch_threads=1,
                         max_epochs=2, cft_mode="pos_seg", elbo_target_batches=2, lr=0.002, log_every=1)
         runs[nproc] = (out, proc.stdout + proc.stderr)
+    return runs
+
+
+def test_cft_two_processes_follow_one(dscm_runs, cft_runs):
+    runs, pretrained = cft_runs, dscm_runs[2][0] / "models"
     w0 = _weights(pretrained / "dscm.pt")
     w1, w2 = (_weights(runs[n][0] / "models" / "dscm_cft_pos_seg.pt") for n in (1, 2))
     g1, g2 = _grad_norms(runs[1][1]), _grad_norms(runs[2][1])
@@ -126,7 +135,61 @@ def test_cft_two_processes_follow_one(setup, dscm_runs):
     assert m1["iterations"] == m2["iterations"] == 4
     assert m2["elbo_target"] == pytest.approx(m1["elbo_target"], rel=1e-6)
     assert sorted(p.name for p in (runs[2][0] / "models").iterdir()) == [
-        "dscm.pt", "dscm_cft_pos_seg.pt", "segmentor_guidance.pt"]
+        "dscm.pt", "dscm_cft_pos_seg.pt", "segmentor_eval.pt", "segmentor_guidance.pt"]
+
+
+def test_evaluation_on_two_processes_equals_one(setup, cft_runs):
+    """Every test case evaluated once: the same metrics, effectiveness rows and Table 1 as one process
+    (5 test cases in batches of 4: shards of 2 + 2, then 1 + 0)."""
+    root, scpr = setup
+    models = cft_runs[1][0] / "models"
+    outs = {}
+    for nproc in (1, 2):
+        out = root / f"eval_{nproc}"
+        out.mkdir()
+        configs = ["common.json", "evaluate.json"] + (["multi_gpu_evaluate.json"] if nproc > 1 else [])
+        torchrun(nproc, "evaluating", configs, out, dataset_dir=scpr, ckpt_dir=models, output_dir=out,
+                 cft_mode="pos_seg", eval_batch_size=4, allow_extrapolation=True, torch_threads=1,
+                 snapshot_dir=cft_runs[1][0] / "cft_state" / "cft_pos_seg_snapshots", curve_cases=3)
+        outs[nproc] = out / "eval" / "pos_seg"
+    m1, m2 = (json.loads((outs[n] / "metrics.json").read_text()) for n in (1, 2))
+    for m in (m1, m2):
+        m.pop("seconds")
+    assert m1["n_cases"] == 5 and "curves" in m1
+    # equal up to the float rounding of smaller convolution batches (the shards), e.g. 1.6e-7 vs 1.4e-7 mm^2
+    _assert_close(m2, m1)
+    assert (outs[2] / "table1.md").read_text() == (outs[1] / "table1.md").read_text()
+    import csv
+
+    r1, r2 = (list(csv.DictReader((outs[n] / "effectiveness.csv").open())) for n in (1, 2))
+    assert len(r1) == len(r2) == 5 * 9 * 9  # case x intervention x measured variable: none duplicated or dropped
+    for a, b in zip(r1, r2):
+        assert {k: v for k, v in a.items() if not _is_number(v)} == {k: v for k, v in b.items() if not _is_number(v)}
+        assert [float(b[k]) for k in a if _is_number(a[k])] == pytest.approx(
+            [float(a[k]) for k in a if _is_number(a[k])], rel=1e-4, abs=1e-4)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _assert_close(got, want, path="metrics"):
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _assert_close(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-4, abs=1e-5), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
 
 
 def test_pipeline_nproc_launches_training_stages_with_torchrun(tmp_path):

@@ -26,7 +26,9 @@ operation, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,9 @@ __all__ = [
     "batch_randn_like",
     "batch_rand_like",
     "batch_randint",
+    "global_batch",
+    "shard_rows",
+    "all_reduce_sum_",
 ]
 
 
@@ -67,6 +72,20 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world_size()
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the processes, in place (no-op with one process)."""
+    if world_size() == 1:
+        return
+    device = _device()
+    for t in tensors:
+        if t.device == device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:  # e.g. CPU accumulators with nccl
+            moved = t.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
 
 
 def all_ranks(flag: bool | torch.Tensor) -> bool:
@@ -118,11 +137,40 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
+#: size of the global batch of which this process holds the rows ``rank::world`` (see :func:`global_batch`)
+_GLOBAL_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("monai_cft_global_batch", default=None)
+
+
+@contextlib.contextmanager
+def global_batch(size: int) -> Iterator[None]:
+    """Within this context the batch draws treat the local batch as the rows ``rank::world`` of a global
+    batch of ``size`` rows (for shards of unequal size, e.g. the last batch of a distributed evaluation).
+
+    Without it, a local batch of ``B`` rows is taken as rank ``r``'s share of a global batch of
+    ``world * B`` rows (``DistributedSampler`` with ``even_divisible=True``).
+    """
+    token = _GLOBAL_BATCH.set(int(size))
+    try:
+        yield
+    finally:
+        _GLOBAL_BATCH.reset(token)
+
+
+def shard_rows(start: int, stop: int) -> torch.Tensor:
+    """The rows ``start .. stop-1`` of a global batch that this process holds: ``arange(start, stop)[rank::world]``."""
+    return torch.arange(int(start), int(stop))[rank() :: world_size()]
+
+
 def _global_rows(draw, shape: Sequence[int]) -> torch.Tensor:
     w = world_size()
     if w == 1:
         return draw(tuple(shape))
-    full = draw((w * int(shape[0]), *shape[1:]))
+    total = _GLOBAL_BATCH.get()
+    total = w * int(shape[0]) if total is None else total
+    if len(range(rank(), total, w)) != int(shape[0]):
+        raise ValueError(f"a local batch of {shape[0]} rows is not rank {rank()}'s share of a global batch of {total} "
+                         f"over {w} processes.")
+    full = draw((total, *shape[1:]))
     return full[rank() :: w].contiguous()
 
 
