@@ -511,26 +511,3 @@ class CounterfactualPipeline:
                 others.append(f"{k} {result['intended'][k]:.1f}/{result['measured'][k]:.1f}")
         mode = f"[{result.get('mode')}] " if result.get("mode") else ""
         return mode + "; ".join(parts) + "\nintended/measured: " + ", ".join(others)
-
-    def run_and_save(
-        self,
-        image: Any,
-        variables: Mapping[str, float] | Sequence[float] | None,
-        intervention: Mapping[str, Any] | str,
-        output_dir: str | os.PathLike,
-        centerline: Any | None = None,
-        name: str = "case",
-        allow_extrapolation: bool | None = None,
-    ) -> dict[str, str]:
-        """:meth:`__call__` then :meth:`save` (the bundle's ``inference`` entry point)."""
-        if image is None or (isinstance(image, str) and not image):
-            raise ValueError("no input image given: pass --image <path to an sCPR or a 3D NIfTI volume>.")
-        result = self(image, variables, intervention, centerline=centerline, allow_extrapolation=allow_extrapolation)
-        paths = self.save(result, output_dir, name)
-        for k in result["intervention"]:
-            print(
-                f"{name}: do({k} = {result['intervention'][k]:.2f}) -> measured {result['measured'][k]:.2f} "
-                f"(factual {result['variables'][k]:.2f}); files: {', '.join(paths.values())}",
-                flush=True,
-            )
-        return paths

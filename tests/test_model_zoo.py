@@ -4,6 +4,7 @@ configs' required properties, handler order, and the multi-process configs stack
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,8 @@ def tiny_bundle_inputs(tmp_path_factory):
             "regions": list(DEFAULT_REGIONS), "spatial_dims": 2, "img_size": [32, 192], "in_channels": 1}
     save_checkpoint(root / "models" / "dscm.pt", dscm,
                     {**base, **dscm.checkpoint_meta(), "kind": "dscm", "cft_mode": "none", "hu_window": list(HU_WINDOW)})
+    save_checkpoint(root / "models" / "dscm_cft_pos_seg.pt", dscm,
+                    {**base, **dscm.checkpoint_meta(), "kind": "dscm", "cft_mode": "pos_seg", "hu_window": list(HU_WINDOW)})
     save_checkpoint(root / "models" / "segmentor_guidance.pt", build_segmentor(2, "unet", 1, 4),
                     {**base, "kind": "segmentor", "role": "guidance", "arch": "unet", "out_channels": 4})
     return root, scpr
@@ -121,3 +124,46 @@ def test_init_distributed_outside_torchrun_names_the_missing_variables(monkeypat
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match=r"torchrun.*'RANK'"):
         init_distributed("cpu")
+
+
+def test_inference_config_has_the_infer_properties_and_runs_a_datalist(tiny_bundle_inputs, tmp_path):
+    """inference.json: MONAI's InferProperties (dataset, evaluator, inferer, network_def, ...), and its
+    evaluator runs every case of a ``--datalist`` (here two cases, relative paths)."""
+    from monai.bundle import ConfigWorkflow
+
+    root, scpr = tiny_bundle_inputs
+    items = json.loads((scpr / "dataset.json").read_text())["test"][:2]
+    cases = [{"image": str(scpr / it["image"]), "intervention": {"lumen_mid": "+0.5"},
+              "variables": it["variables"], "name": it["id"]}
+             for it in items]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "inference.json")],
+                        meta_file=str(CONFIGS / "metadata.json"), logging_file=False, workflow_type="infer",
+                        dataset_dir=str(scpr), ckpt_dir=str(root / "models"), output_dir=str(tmp_path),
+                        datalist=str(tmp_path / "cases.json"), allow_extrapolation=True,
+                        device="$torch.device('cpu')", run_id="inference")
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    out = tmp_path / "inference" / "pos_seg"
+    for it in items:
+        for suffix in ("_cf.nii.gz", "_diff.nii.gz", "_panel.png", "_values.json"):
+            assert (out / f"{it['id']}{suffix}").is_file(), (it["id"], suffix)
+
+
+@pytest.mark.parametrize("cases,text", [
+    ("[]", "non-empty JSON list"),
+    ('[{"image": "a.nii.gz"}]', "'image' and 'intervention'"),
+    ('[{"image": "a.nii.gz", "intervention": {}, "colour": 1}]', "['colour']"),
+    ('[{"image": "a.nii.gz", "intervention": {}}, {"image": "b/a.nii.gz", "intervention": {}}]', "'a' is used twice"),
+    ('[{"image": "a.nii.gz", "intervention": {}, "name": "../x"}]', "'../x'"),
+    ("{bad", "not valid JSON"),
+])
+def test_inference_datalist_errors(tmp_path, cases, text):
+    from monai_cft.inference_engine import inference_items
+
+    (tmp_path / "cases.json").write_text(cases)
+    with pytest.raises(ValueError, match=re.escape(text)):
+        inference_items(datalist=str(tmp_path / "cases.json"))
+    with pytest.raises(ValueError, match="no input image"):
+        inference_items(image="")
