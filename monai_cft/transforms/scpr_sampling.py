@@ -108,16 +108,18 @@ class RuledGrid:
         return self._bounds
 
     def coords(self, dtype: torch.dtype, device: torch.device | str = "cpu",
-               shift: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
-        """(3, *shape) tensor: the coordinates of every point minus ``shift`` (subtracted in float64)."""
+               shift: Sequence[float] = (0.0, 0.0, 0.0), out: torch.Tensor | None = None) -> torch.Tensor:
+        """(3, *shape) tensor: the coordinates of every point minus ``shift`` (subtracted in float64);
+        written into ``out`` ((3, count) view, e.g. a slice of a larger buffer) when given."""
         c = (self.c - torch.as_tensor(shift, dtype=torch.float64)).T.to(device=device, dtype=dtype).contiguous()
         u = self.u.T.to(device=device, dtype=dtype).contiguous()
         a = self.offsets.to(device=device, dtype=dtype)
-        out = torch.addcmul(c.unsqueeze(1), a.view(1, -1, 1), u.unsqueeze(1))  # (3, H, Wv)
-        if self.out_dims == 3:
-            v = self.v.T.to(device=device, dtype=dtype).contiguous()
-            out = torch.addcmul(out.unsqueeze(2), a.view(1, 1, -1, 1), v.view(3, 1, 1, -1))  # (3, H, H, Wv)
-        return out.contiguous()
+        dest = None if out is None else out.view(3, *self.shape)
+        if self.out_dims == 2:
+            return torch.addcmul(c.unsqueeze(1), a.view(1, -1, 1), u.unsqueeze(1), out=dest)  # (3, H, Wv)
+        plane = torch.addcmul(c.unsqueeze(1), a.view(1, -1, 1), u.unsqueeze(1))
+        v = self.v.T.to(device=device, dtype=dtype).contiguous()
+        return torch.addcmul(plane.unsqueeze(2), a.view(1, 1, -1, 1), v.view(3, 1, 1, -1), out=dest)  # (3, H, H, Wv)
 
     def components(self, dtype: torch.dtype, device: torch.device | str = "cpu",
                    shift: Sequence[float] = (0.0, 0.0, 0.0)) -> list[torch.Tensor]:
@@ -164,8 +166,11 @@ def _gather(x: torch.Tensor, grids: Sequence[RuledGrid], mode: str, padding: tor
     pad = padding.to(device=x.device, dtype=compute)
     # coordinates relative to each grid's box corner: small numbers, so float32 keeps ~1e-5 voxel
     corners = [[int(math.floor(float(v) - EDGE)) for v in g.bounds()[0]] for g in grids]
-    parts = [g.coords(compute, x.device, shift=c).view(3, -1) for g, c in zip(grids, corners)]
-    coords = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # (3, P)
+    coords = torch.empty(3, sum(g.count for g in grids), dtype=compute, device=x.device)  # (3, P)
+    starts = [0]
+    for g, corner in zip(grids, corners):
+        g.coords(compute, x.device, shift=corner, out=coords[:, starts[-1] : starts[-1] + g.count])
+        starts.append(starts[-1] + g.count)
     if not fast:
         vals, fracs = _gather_masked(flat, coords, corners[0], shape, strides, mode, itype, chan, pad)
         if mode == "nearest":
@@ -174,10 +179,8 @@ def _gather(x: torch.Tensor, grids: Sequence[RuledGrid], mode: str, padding: tor
         idx = (torch.round(coords) if mode == "nearest" else coords).to(itype)
         base = (idx * torch.tensor(strides[1:], dtype=itype, device=x.device).view(3, 1)).sum(0, dtype=itype)
         origins = [sum(c * s for c, s in zip(corner, strides[1:])) for corner in corners]
-        start = parts[0].shape[1]
-        for part, origin in zip(parts[1:], origins[1:]):  # the first grid's origin goes into the offsets
-            base[start : start + part.shape[1]] += origin - origins[0]
-            start += part.shape[1]
+        for k in range(1, len(grids)):  # the first grid's origin goes into the offsets
+            base[starts[k] : starts[k + 1]] += origins[k] - origins[0]
         cells = [0] if mode == "nearest" else range(8)
         offsets = torch.tensor([origins[0] + (c >> 2) * strides[1] + ((c >> 1) & 1) * strides[2] + (c & 1) * strides[3]
                                 for c in cells], dtype=itype, device=x.device)
