@@ -58,6 +58,8 @@ from monai_cft.utils.cli import count_arg, number_arg, run_cli
 __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 
 CFT_MODES = ("none", "reg", "seg", "pos_seg")
+#: the mode whose fine-tuned DSCM is the bundle's main network, also written as ``models/model.pt``
+MAIN_MODE = "pos_seg"
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own
 #: defaults are longer schedules for a GPU).
 QUICK_EPOCHS = {"segmentor": 16, "segmentor_eval": 28, "regressor": 20, "dscm": 25, "finetune": 15}
@@ -205,7 +207,9 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             Stage(
                 f"finetune_{mode}",
                 _bundle_cmd(py, bundle, "finetune", ["common.json", "finetune.json"], nproc, cft_mode=mode, **common,
-                            **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {})),
+                            **ep("finetune"), **({"lr": args.finetune_lr} if args.finetune_lr else {}),
+                            # the main network of the bundle, where the model zoo (and MONAI Label) look for it
+                            **({"extra_output_paths": repr([str(ckpt / "model.pt")])} if mode == MAIN_MODE else {})),
                 requires_module="monai_cft.engines.cft_trainer",
                 description=f"counterfactual fine-tuning, mode {mode}",
                 restart_files=[out / "cft_state" / f"cft_{mode}_state.pt"],

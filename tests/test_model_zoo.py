@@ -167,3 +167,30 @@ def test_inference_datalist_errors(tmp_path, cases, text):
         inference_items(datalist=str(tmp_path / "cases.json"))
     with pytest.raises(ValueError, match="no input image"):
         inference_items(image="")
+
+
+def test_finetune_writes_the_main_network_as_model_pt(tiny_bundle_inputs, tmp_path):
+    """``extra_output_paths`` (the pipeline passes models/model.pt for Pos-Seg-CFT): the same export twice."""
+    from monai_cft.utils.bundle import run_bundle
+
+    root, scpr = tiny_bundle_inputs
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("dscm.pt", "segmentor_guidance.pt"):
+        (models / name).write_bytes((root / "models" / name).read_bytes())
+    run_bundle("finetune", [str(CONFIGS / "common.json"), str(CONFIGS / "finetune.json")],
+               meta_file=str(CONFIGS / "metadata.json"), dataset_dir=str(scpr), ckpt_dir=str(models),
+               output_dir=str(tmp_path), cft_mode="none", device="$torch.device('cpu')", torch_threads=1,
+               extra_output_paths=[str(models / "model.pt")])
+    a = torch.load(models / "dscm_cft_none.pt", weights_only=True)
+    b = torch.load(models / "model.pt", weights_only=True)
+    assert a["meta"] == b["meta"] and a["meta"]["cft_mode"] == "none"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    from monai_cft import pipeline
+
+    args = pipeline.parse_args(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+    args.torch_threads = 1
+    stages = {s.name: s.command for s in pipeline.build_stages(args)}
+    assert any("model.pt" in c for c in stages[f"finetune_{pipeline.MAIN_MODE}"])
+    assert not any("model.pt" in c for n, cmd in stages.items() if n != f"finetune_{pipeline.MAIN_MODE}"
+                   for c in (cmd or []))
