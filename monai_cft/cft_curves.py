@@ -98,7 +98,7 @@ def save_curves_figure(curves: Mapping[str, Mapping[str, Any]], path: str | os.P
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
 
     fig = Figure(figsize=(9, 3.4))
     axes = fig.subplots(1, 2)

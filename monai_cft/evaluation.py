@@ -32,7 +32,7 @@ import torch
 
 from monai_cft.cft_curves import list_snapshots, snapshot_curves
 from monai_cft.data.evaluation_data import load_ground_truth, load_split_tensors
-from monai_cft.data.io import atomic_path
+from monai_cft.utils.io import atomic_path
 from monai_cft.data.presets import HU_WINDOW
 from monai_cft.evaluation_core import evaluate_counterfactuals, segmentor_features
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1

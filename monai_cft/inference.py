@@ -304,7 +304,7 @@ class CounterfactualPipeline:
                     f"with a centreline the image must be a 3D volume (X, Y, Z), got shape {tuple(img.shape)}."
                 )
             if isinstance(centerline, (str, os.PathLike)):
-                from monai_cft.data.io import load_centerline
+                from monai_cft.utils.io import load_centerline
 
                 centerline = load_centerline(centerline)
             cpr = StraightenCPR(
@@ -459,7 +459,7 @@ class CounterfactualPipeline:
         Returns:
             ``{"counterfactual", "difference", "panel", "values"}`` -> written path.
         """
-        from monai_cft.data.io import check_file_name, save_json, save_nifti
+        from monai_cft.utils.io import check_file_name, save_json, save_nifti
         from monai_cft.visualize import plot_counterfactual_panel, region_boundaries
 
         check_file_name(name, "save name", f"{type(self).__name__}.save")

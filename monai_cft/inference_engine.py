@@ -23,7 +23,7 @@ import torch
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 
-from monai_cft.data.io import check_file_name
+from monai_cft.utils.io import check_file_name
 
 __all__ = ["inference_items", "CounterfactualInferer", "CounterfactualInferenceEngine"]
 

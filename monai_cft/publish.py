@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from monai_cft.benchmark_report import format_number as _num
-from monai_cft.data.io import atomic_path
+from monai_cft.utils.io import atomic_path
 
 __all__ = ["publish", "replace_block"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from monai_cft.data.io import save_json
+from monai_cft.utils.io import save_json
 from monai_cft.metrics.calcium import CalciumThreshold, calcium_areas
 from monai_cft.metrics.effectiveness import measure_with_segmentor, segmentor_probabilities
 from monai_cft.metrics.segmentation import dice_per_structure

@@ -97,7 +97,7 @@ def plot_counterfactual_panel(
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
 
     x = _to_2d(factual, "factual")
     x_cf = _to_2d(counterfactual, "counterfactual")
@@ -193,7 +193,7 @@ def save_fig1(
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
     from monai_cft.metrics.effectiveness import measure_with_segmentor
 
     names, regions = list(config["variables"]), list(config["regions"])

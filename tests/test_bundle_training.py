@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_cft.data.io import save_json, save_nifti
+from monai_cft.utils.io import save_json, save_nifti
 from monai_cft.data.prepare import PREPARE_CONFIG
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS
 from monai_cft.utils.bundle import (

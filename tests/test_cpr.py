@@ -532,8 +532,8 @@ def test_dict_version_matches_array_version_with_one_plan_per_centerline(oblique
                            padding_value=(0.0, 0), dtype=(torch.float64, torch.uint8))(data)
     assert typed["image"].dtype == torch.float64 and typed["label"].dtype == torch.uint8
     assert set(torch.unique(typed["label"]).tolist()) == {0, 1, 2}
-    # the centreline may be a file path (read by monai_cft.data.io.load_centerline)
-    io = pytest.importorskip("monai_cft.data.io")
+    # the centreline may be a file path (read by monai_cft.utils.io.load_centerline)
+    io = pytest.importorskip("monai_cft.utils.io")
     path = tmp_path / "cl.npy"
     np.save(path, tube.curve)
     d2 = tr({"image": img, "label": lab, "other": other, "centerline": str(path)})

@@ -1,4 +1,4 @@
-"""Tests of monai_cft.data.io, monai_cft.data.datalist and the synthetic dataset writer."""
+"""Tests of monai_cft.utils.io, monai_cft.data.datalist and the synthetic dataset writer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from monai_cft.data._parallel import parallel_map
 from monai_cft.data.datalist import make_datalist, split_ids
-from monai_cft.data.io import (
+from monai_cft.utils.io import (
     atomic_path,
     load_centerline,
     load_datalist,

@@ -10,7 +10,7 @@ import torch
 from monai.transforms import LoadImage
 
 from monai_cft.data.ground_truth import ground_truth_counterfactual, render_scpr
-from monai_cft.data.io import load_datalist
+from monai_cft.utils.io import load_datalist
 from monai_cft.data.phantom import sample_phantom_params
 from monai_cft.data.prepare import prepare_dataset
 from monai_cft.data.synthetic import generate_dataset

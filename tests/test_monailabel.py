@@ -119,7 +119,7 @@ def test_invalid_request_inputs_name_the_value(name, args, words):
 
 
 def test_valid_request_inputs(tmp_path):
-    from monai_cft.data.io import save_centerline, save_nifti
+    from monai_cft.utils.io import save_centerline, save_nifti
     from monai_cft.monailabel import inputs
 
     assert inputs.parse_params('{"a": 1}') == {"a": 1} and inputs.parse_params("") == {}
@@ -186,7 +186,7 @@ def _train_tiny_models(root: Path) -> dict:
 def _tube_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D 'CCTA' volume (X, Y, Z) = (40, 40, 120) at 0.5 mm: a contrast lumen (330 HU, radius 1.5 mm)
     along z through (10, 12) mm world, in -80 HU tissue; returns (volume HU, centreline (N, 3) mm)."""
-    from monai_cft.data.io import save_nifti
+    from monai_cft.utils.io import save_nifti
 
     affine = np.diag([0.5, 0.5, 0.5, 1.0])
     affine[:3, 3] = [0.0, 2.0, -5.0]
@@ -334,7 +334,7 @@ def test_segmentation_keeps_the_geometry_and_names_the_labels(server, tmp_path):
     assert list(result["variables"]) == VARIABLES
     assert _datastore(server)["objects"]["scpr_a"]["labels"] == {}  # an infer result is not saved by itself
     # an (H, W, 1) sCPR, as 3D Slicer saves 2D images, gets an (H, W, 1) label map with its affine
-    from monai_cft.data.io import save_nifti
+    from monai_cft.utils.io import save_nifti
 
     slab = save_nifti(np.asarray(ref.dataobj)[:, :, None], ref.affine, tmp_path / "slab.nii.gz", np.float32)
     with open(slab, "rb") as fh:
@@ -346,7 +346,7 @@ def test_segmentation_keeps_the_geometry_and_names_the_labels(server, tmp_path):
 
 @needs_server
 def test_straighten_a_volume_with_an_uploaded_or_named_centreline(server, tmp_path):
-    from monai_cft.data.io import save_centerline
+    from monai_cft.utils.io import save_centerline
 
     vol_path = tmp_path / "volume.nii.gz"
     _, centerline = _tube_volume(vol_path)
@@ -545,7 +545,7 @@ def test_documented_rest_calls_run_as_written(server, tmp_path):
     the last block, whose documented error answer is checked. The one change: the tiny models' training
     ranges are narrow, so the counterfactual params get "allow_extrapolation": true (the commands run as
     written on the main job's models)."""
-    from monai_cft.data.io import save_centerline
+    from monai_cft.utils.io import save_centerline
 
     blocks = _doc_blocks()
     assert len(blocks) >= 8 and "http://127.0.0.1:8000" in blocks[0]

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from scipy.spatial import cKDTree
 
-from monai_cft.data.io import save_nifti
+from monai_cft.utils.io import save_nifti
 from monai_cft.data.phantom import (
     LABELS,
     PhantomConfig,

@@ -12,7 +12,7 @@ import pytest
 
 from monai_cft.data import prepare as prepare_module
 from monai_cft.data.dataset import load_prepare_config, load_scpr_datalist
-from monai_cft.data.io import save_centerline, save_json
+from monai_cft.utils.io import save_centerline, save_json
 from monai_cft.data.prepare import prepare_dataset
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS, get_scpr_preset
 from monai_cft.data.synthetic import generate_dataset
@@ -250,7 +250,7 @@ def test_resume_reprepares_cases_made_with_other_geometry(raw_dir, scpr_dir, tmp
     out = tmp_path / "scpr"
     shutil.copytree(scpr_dir, out)
     case = "case_0001"
-    from monai_cft.data.io import save_nifti
+    from monai_cft.utils.io import save_nifti
 
     save_nifti(np.zeros(shape, np.float32), np.diag([spacing, spacing, spacing, 1.0]), out / "images" / f"{case}.nii.gz")
     with pytest.warns(UserWarning, match=f"1 finished case.*prepared again.*{case}.*{why}"):
@@ -272,7 +272,7 @@ def test_resume_with_another_preset_is_refused(raw_dir, scpr_dir, tmp_path):
 def _tube_case(root, centre_xy=(5.0, 3.0), lps=False, labelled=True):
     """A 0.5 mm volume spanning x, y in [-16, 16] mm with a bright tube (400 HU, radius 1.5 mm) along z at
     ``centre_xy``: a centreline in LPS (x and y negated) still lies inside the volume."""
-    from monai_cft.data.io import save_nifti
+    from monai_cft.utils.io import save_nifti
 
     n, sp = 64, 0.5
     affine = np.diag([sp, sp, sp, 1.0])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from monai_cft.data import io as io_module
-from monai_cft.data.io import atomic_path, check_file_name, load_datalist, save_json
+from monai_cft.utils import io as io_module
+from monai_cft.utils.io import atomic_path, check_file_name, load_datalist, save_json
 from monai_cft.inference import CounterfactualPipeline
 
 VALID_NAMES = ["case_0000", "p1", "a.b", "case-1 (copy)", "Ünïcode", "x" * 200]

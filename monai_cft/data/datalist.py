@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_cft.data.io import DEFAULT_SPLITS, save_json
+from monai_cft.utils.io import DEFAULT_SPLITS, save_json
 from monai_cft.variables import DEFAULT_STRUCTURES
 from monai_cft.utils.cli import count_arg, number_arg, run_cli
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_cft.data.io import DEFAULT_SPLITS, load_datalist
+from monai_cft.utils.io import DEFAULT_SPLITS, load_datalist
 from monai_cft.data.prepare import PREPARE_CONFIG
 from monai_cft.variables import variable_names
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_cft.data.io import atomic_path
+from monai_cft.utils.io import atomic_path
 from monai_cft.data.phantom import (
     PhantomConfig,
     label_voxels,

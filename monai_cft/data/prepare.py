@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from monai_cft.data._parallel import default_workers, parallel_map
-from monai_cft.data.io import atomic_path, check_file_name, load_centerline, load_datalist, save_csv, save_json, save_nifti
+from monai_cft.utils.io import atomic_path, check_file_name, load_centerline, load_datalist, save_csv, save_json, save_nifti
 from monai_cft.data.presets import HU_WINDOW, SCPR_PRESETS, get_scpr_preset
 from monai_cft.variables import DEFAULT_BOUNDARIES, DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
 from monai_cft.utils.cli import count_arg, number_arg, run_cli

@@ -26,7 +26,7 @@ import numpy as np
 
 from monai_cft.data._parallel import default_workers, parallel_map
 from monai_cft.data.datalist import LABEL_NAMES, split_ids
-from monai_cft.data.io import DEFAULT_SPLITS, check_file_name, save_centerline, save_json, save_nifti
+from monai_cft.utils.io import DEFAULT_SPLITS, check_file_name, save_centerline, save_json, save_nifti
 from monai_cft.data.phantom import LABELS, PHANTOM_VERSION, PhantomConfig, render_phantom, sample_phantom_params
 from monai_cft.utils.cli import count_arg, run_cli
 

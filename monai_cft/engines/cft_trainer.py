@@ -407,7 +407,7 @@ class CFTTrainer(ExactResumeMixin, Trainer):
         }
 
     def _save_state(self, engine: Engine | None = None) -> None:
-        from monai_cft.data.io import atomic_path
+        from monai_cft.utils.io import atomic_path
 
         if not is_main_process():
             return

@@ -53,7 +53,7 @@ def check_models(models: Path) -> list[str]:
 
 def write_app(workspace: Path) -> Path:
     """Create ``<workspace>/app/main.py`` (atomically) and return the app folder."""
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
 
     app = workspace / "app"
     main = app / "main.py"

@@ -130,7 +130,7 @@ def resolve_centerline(request: Mapping[str, Any], image_info: Mapping[str, Any]
     2. ``params["centerline"]``: a list of ``[x, y, z]`` points or a path on the server;
     3. the image's datastore info ``"centerline"`` (points or a path, given when the image was uploaded).
     """
-    from monai_cft.data.io import load_centerline
+    from monai_cft.utils.io import load_centerline
 
     candidates = [
         ("the uploaded centreline file", request.get("label")),

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from monai_cft.networks.flows import AttributeMechanisms
-from monai_cft.networks.hvae import HierarchicalVAE, _state_dict_problems
+from monai_cft.networks.hvae import HierarchicalVAE
 from monai_cft.networks.presets import build_hvae
+from monai_cft.utils.state_dict import state_dict_problems
 
 __all__ = ["ParentNormalizer", "DeepSCM", "build_dscm", "parent_regions"]
 
@@ -338,7 +339,7 @@ class DeepSCM(nn.Module):
         self.hvae.check_state_dict(state_dict, strict=strict, prefix="hvae.")
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("hvae.")}
         other = {k: v for k, v in state_dict.items() if not k.startswith("hvae.")}
-        problems = _state_dict_problems(own, other, strict, "")
+        problems = state_dict_problems(own, other, strict, "")
         if problems:
             raise ValueError(
                 f"state dict does not fit this DeepSCM (variables {self.variables}): first differences {problems[:5]}."

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 
 from monai_cft.utils.distributed import batch_randn_like
+from monai_cft.utils.state_dict import state_dict_problems
 __all__ = [
     "HierarchicalVAE",
     "beta_schedule",
@@ -526,17 +527,18 @@ class HierarchicalVAE(nn.Module):
         image size matches the state dict, that preset.
         """
         own = {prefix + k: v for k, v in self.state_dict().items()}
-        problems = _state_dict_problems(own, state_dict, strict, prefix)
+        problems = state_dict_problems(own, state_dict, strict, prefix)
         if not problems:
             return
-        from monai_cft.networks.presets import match_preset  # local import: presets imports this module
-
-        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        guess = match_preset(sub, self.spatial_dims, self.img_size, self.num_parents, self.in_channels)
-        origin = f"it matches preset {guess!r}" if guess else "it matches no known preset at this image size"
+        origin = ""
+        matcher = getattr(self, "preset_matcher", None)  # set by networks.presets.build_hvae
+        if matcher is not None:
+            sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            guess = matcher(sub, self.spatial_dims, self.img_size, self.num_parents, self.in_channels)
+            origin = f"; it matches preset {guess!r}" if guess else "; it matches no known preset at this image size"
         raise ValueError(
             f"state dict does not fit this HierarchicalVAE (preset {self.config['preset']!r}, "
-            f"img_size {self.img_size}); {origin}. First differences: {problems[:5]}."
+            f"img_size {self.img_size}){origin}. First differences: {problems[:5]}."
         )
 
     # ------------------------------------------------------------------ input validation
@@ -717,20 +719,3 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_normalise(v) for v in value]
     return value
-
-
-def _state_dict_problems(
-    own: Mapping[str, torch.Tensor], other: Mapping[str, Any], strict: bool, prefix: str
-) -> list[str]:
-    """Key / shape differences between a model's state dict and ``other`` (keys under ``prefix``)."""
-    problems = []
-    theirs = {k: v for k, v in other.items() if k.startswith(prefix)}
-    for key, ref in own.items():
-        if key not in theirs:
-            if strict:
-                problems.append(f"missing {key}")
-        elif isinstance(theirs[key], torch.Tensor) and tuple(theirs[key].shape) != tuple(ref.shape):
-            problems.append(f"{key}: {tuple(theirs[key].shape)} vs {tuple(ref.shape)}")
-    if strict:
-        problems.extend(f"unexpected {key}" for key in theirs if key not in own)
-    return problems

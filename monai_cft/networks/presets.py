@@ -93,6 +93,8 @@ def build_hvae(
     )
     if overrides:
         net.config["overrides"] = sorted(overrides)
+    # a mismatching checkpoint's error then names the preset it matches (hvae imports nothing from here)
+    net.preset_matcher = match_preset
     return net
 
 

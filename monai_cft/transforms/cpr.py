@@ -478,7 +478,7 @@ class StraightenCPRd(MapTransform):
         keys: keys of the images to straighten (for example ``("image", "label")``); they must share
             spatial shape and affine.
         centerline_key: key of the centreline: an (N, 3) array / tensor in world mm or a path to a
-            ``.csv`` / ``.npy`` file (read with ``monai_cft.data.io.load_centerline``); or several of them
+            ``.csv`` / ``.npy`` file (read with ``monai_cft.utils.io.load_centerline``); or several of them
             (a list / tuple, or a (K, N, 3) array), in which case every key gets a list of K outputs.
         output_size, spacing, angle, out_dims, initial_normal, record_grid: as in :class:`StraightenCPR`.
         mode: one interpolation mode or one per key (``("bilinear", "nearest")``).

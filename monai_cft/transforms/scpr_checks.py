@@ -106,7 +106,7 @@ def check_finite_output(out: torch.Tensor, source: torch.Tensor, name: str = "im
 def centerline_list(value: Any) -> tuple[list[Any], bool]:
     """``(centrelines, several)``: a list / tuple whose first item is itself a centreline ((N, 3) array,
     tensor, nested list or a path), or a (K, N, 3) array, holds several centrelines; anything else is one.
-    Paths are read with ``monai_cft.data.io.load_centerline``."""
+    Paths are read with ``monai_cft.utils.io.load_centerline``."""
     several = False
     if isinstance(value, (list, tuple)) and len(value) > 0:
         first = value[0]
@@ -121,10 +121,10 @@ def centerline_list(value: Any) -> tuple[list[Any], bool]:
 def load_centerline_value(value: Any) -> Any:
     if isinstance(value, (str, os.PathLike)):
         try:
-            from monai_cft.data.io import load_centerline
+            from monai_cft.utils.io import load_centerline
         except ImportError as e:
             raise ImportError(
-                f"the centreline {str(value)!r} is a path, which needs monai_cft.data.io.load_centerline "
+                f"the centreline {str(value)!r} is a path, which needs monai_cft.utils.io.load_centerline "
                 f"(not importable: {e}); pass the (N, 3) points instead."
             ) from e
         return load_centerline(value)

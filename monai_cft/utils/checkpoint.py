@@ -15,7 +15,7 @@ trained on other variables, or a Seg-CFT model where a Reg-CFT one was asked for
 ``ValueError`` naming every mismatch instead of failing later with a shape error or silently
 giving wrong counterfactuals.
 
-Files are written atomically (``monai_cft.data.io.atomic_path``): a crash never leaves a
+Files are written atomically (``monai_cft.utils.io.atomic_path``): a crash never leaves a
 truncated checkpoint under the final name.
 """
 
@@ -87,7 +87,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
             non-primitive.
         ValueError: ``meta`` has no ``"kind"``.
     """
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
 
     if isinstance(model, nn.Module):
         state = model.state_dict()

@@ -269,7 +269,7 @@ def update_markdown_section(path: Path, heading: str, body: str) -> None:
         text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + block
-    from monai_cft.data.io import atomic_path
+    from monai_cft.utils.io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -2,7 +2,7 @@
 
 Each task is a ``monailabel.tasks.infer.basic_infer.BasicInferTask``: ``pre_transforms`` is one
 loader that checks the request and reads the image, ``run_inferer`` runs monai-cft, ``writer``
-writes the result NIfTI atomically (:func:`monai_cft.data.io.save_nifti`) to a temporary file that
+writes the result NIfTI atomically (:func:`monai_cft.utils.io.save_nifti`) to a temporary file that
 the MONAI Label endpoint sends back and then deletes. No task saves anything into the datastore.
 """
 
@@ -95,7 +95,7 @@ class CFTInferTask(BasicInferTask):
         raise NotImplementedError
 
     def writer(self, data: Mapping[str, Any], extension=None, dtype=None) -> tuple[str, dict]:
-        from monai_cft.data.io import save_nifti
+        from monai_cft.utils.io import save_nifti
 
         fd, path = tempfile.mkstemp(prefix="monai_cft_", suffix=".nii.gz")
         os.close(fd)

@@ -106,7 +106,7 @@ class FinetuneSegmentor(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
         from monai.losses import DiceCELoss
 
-        from monai_cft.data.io import save_json
+        from monai_cft.utils.io import save_json
         from monai_cft.utils.checkpoint import save_checkpoint
 
         epochs = get_int(request, "max_epochs", 10, 1, 1000)
