@@ -93,9 +93,13 @@ def _grad_norms(text: str) -> list[float]:
     return [float(m) for m in re.findall(r"Iter: \d+/\d+ -- .*?grad_norm: ([0-9.eE+-]+)", text)]
 
 
-@pytest.fixture(scope="module")
-def cft_runs(setup, dscm_runs):
-    """Pos-Seg-CFT fine-tunings with 1 x 4 and 2 x 2 (and their logs)."""
+SGD = {"train#trainer#optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.hvae.parameters()", "lr": 0.05}}
+
+
+@pytest.fixture(scope="module", params=["adamw", "sgd"])
+def cft_runs(request, setup, dscm_runs):
+    """Pos-Seg-CFT fine-tunings with 1 x 4 and 2 x 2 (and their logs), with the default AdamW and with SGD
+    (whose steps are linear in the gradient, so the weights must agree element by element)."""
     root, scpr = setup
     pretrained = dscm_runs[2][0] / "models"
     from monai_cft.networks.predictors import build_segmentor
@@ -109,15 +113,20 @@ def cft_runs(setup, dscm_runs):
     evaluator = build_segmentor(2, "unet", 1, 4)  # and one evaluation segmentor
     runs = {}
     for nproc, batch in ((1, 4), (2, 2)):
-        out = root / f"cft_{nproc}"
+        out = root / f"cft_{request.param}_{nproc}"
         (out / "models").mkdir(parents=True)
         shutil.copy(pretrained / "dscm.pt", out / "models" / "dscm.pt")
         save_checkpoint(out / "models" / "segmentor_guidance.pt", segmentor, seg_meta)
         save_checkpoint(out / "models" / "segmentor_eval.pt", evaluator, dict(seg_meta, role="eval"))
-        proc = torchrun(nproc, "finetune", ["common.json", "finetune.json", "multi_gpu.json"], out,
+        extra = []
+        if request.param == "sgd":
+            (root / "sgd.json").write_text(json.dumps(SGD))
+            extra = [str(root / "sgd.json")]
+        proc = torchrun(nproc, "finetune", ["common.json", "finetune.json", *extra, "multi_gpu.json"], out,
                         dataset_dir=scpr, ckpt_dir=out / "models", output_dir=out, batch_size=batch, torch_threads=1,
                         max_epochs=2, cft_mode="pos_seg", elbo_target_batches=2, lr=0.002, log_every=1)
         runs[nproc] = (out, proc.stdout + proc.stderr)
+    runs["optimizer"] = request.param
     return runs
 
 
@@ -131,6 +140,10 @@ def test_cft_two_processes_follow_one(dscm_runs, cft_runs):
     moved = _distance(w1, w0)
     assert moved > 0
     assert _distance(w2, w1) <= 0.05 * moved, (_distance(w2, w1), moved)
+    if runs["optimizer"] == "sgd":  # linear steps: element by element
+        assert _distance(w2, w1) <= 1e-3 * moved, (_distance(w2, w1), moved)
+        for k in w1:
+            assert torch.allclose(w2[k], w1[k], rtol=1e-4, atol=1e-6), k
     m1, m2 = (torch.load(runs[n][0] / "models" / "dscm_cft_pos_seg.pt", weights_only=True)["meta"]["cft"] for n in (1, 2))
     assert m1["iterations"] == m2["iterations"] == 4
     assert m2["elbo_target"] == pytest.approx(m1["elbo_target"], rel=1e-6)
@@ -141,6 +154,8 @@ def test_cft_two_processes_follow_one(dscm_runs, cft_runs):
 def test_evaluation_on_two_processes_equals_one(setup, cft_runs):
     """Every test case evaluated once: the same metrics, effectiveness rows and Table 1 as one process
     (5 test cases in batches of 4: shards of 2 + 2, then 1 + 0)."""
+    if cft_runs["optimizer"] != "adamw":
+        pytest.skip("the evaluation runs once, on the models of the default (AdamW) fine-tuning")
     root, scpr = setup
     models = cft_runs[1][0] / "models"
     outs = {}
