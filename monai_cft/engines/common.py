@@ -40,7 +40,6 @@ __all__ = [
     "autocast",
     "PrepareBatchKeys",
     "as_plain_tensor",
-    "optimizer_parameters",
     "lower_is_better",
     "check_count",
 ]
@@ -238,11 +237,6 @@ class PrepareBatchKeys(PrepareBatch):
         if self.dtype is not None:
             label = label.to(self.dtype)
         return image, label
-
-
-def optimizer_parameters(optimizers: Sequence[Optimizer]) -> list[torch.Tensor]:
-    """All parameters of the given optimizers (in group order)."""
-    return [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
 
 
 def lower_is_better(current: float, best: float) -> bool:
