@@ -36,8 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 
+from monai_cft.networks.likelihoods import beta_schedule, discretized_gaussian_nll, gaussian_kl
+from monai_cft.networks.strides import expand_per_axis, level_sizes, resolve_strides
 from monai_cft.utils.distributed import batch_randn_like
 from monai_cft.utils.state_dict import state_dict_problems
+
 __all__ = [
     "HierarchicalVAE",
     "beta_schedule",
@@ -52,141 +55,10 @@ _SOFTPLUS_ONE = math.log(math.e - 1.0)
 #: lower bound added to every latent standard deviation.
 _MIN_STD = 1e-5
 #: keys of :attr:`HierarchicalVAE.config` that define the parameter shapes (checkpoint compatibility).
-ARCH_KEYS = (
-    "spatial_dims",
-    "in_channels",
-    "img_size",
-    "num_parents",
-    "widths",
-    "blocks_per_level",
-    "z_dim",
-    "z_max_res",
-    "strides",
-    "bottleneck",
-    "embed_dim",
-    "cond_prior",
-    "spatial_parents",
-)
+ARCH_KEYS = ("spatial_dims", "in_channels", "img_size", "num_parents", "widths", "blocks_per_level", "z_dim",
+             "z_max_res", "strides", "bottleneck", "embed_dim", "cond_prior", "spatial_parents")
 #: value of an architecture key that checkpoints written before the key existed imply.
 _ARCH_DEFAULTS = {"spatial_parents": False}
-
-
-def beta_schedule(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
-    """KL weight for a linear warm-up: ``beta_max * min(1, step / warmup_steps)``.
-
-    Args:
-        step: current optimisation step (>= 0).
-        warmup_steps: number of steps of the warm-up; 0 switches the warm-up off.
-        beta_max: final KL weight.
-    """
-    if step < 0 or warmup_steps < 0:
-        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}.")
-    if warmup_steps == 0:
-        return float(beta_max)
-    return float(beta_max) * min(1.0, step / warmup_steps)
-
-
-def gaussian_kl(q_loc: torch.Tensor, q_std: torch.Tensor, p_loc: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:
-    """Element-wise analytic ``KL(N(q_loc, q_std^2) || N(p_loc, p_std^2))`` in nats (same shape as inputs)."""
-    var_ratio = (q_std / p_std) ** 2
-    diff = ((q_loc - p_loc) / p_std) ** 2
-    return 0.5 * (var_ratio + diff - 1.0) - torch.log(q_std / p_std)
-
-
-def discretized_gaussian_nll(
-    x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, num_bins: int = 256, edge: float = 1e-3
-) -> torch.Tensor:
-    """Negative log-likelihood (nats) of ``x`` under a Gaussian discretised into ``num_bins`` bins on [-1, 1].
-
-    Every value ``x`` is given the probability mass of the bin ``[x - h, x + h]`` with half width
-    ``h = 1 / (num_bins - 1)``; values within ``edge`` of -1 (of 1) take the whole lower (upper) tail,
-    as the clipped image intensities pile up at the ends of the window. The mass is evaluated with
-    ``log_ndtr`` on the tail that keeps it accurate, and by the midpoint rule (``pdf * width``) when
-    the bin is narrower than 1e-3 standard deviations, so the result and its gradient stay finite.
-
-    Args:
-        x: data in [-1, 1], any shape.
-        loc: Gaussian mean, broadcastable to ``x``.
-        scale: Gaussian standard deviation (> 0), broadcastable to ``x``.
-        num_bins: number of intensity bins (256 for 8-bit images).
-        edge: distance from +-1 below which a value is treated as the extreme bin.
-
-    Returns:
-        Tensor of the shape of ``x``: per-element negative log-probability in nats.
-    """
-    half = 1.0 / (num_bins - 1)
-    upper = (x - loc + half) / scale
-    lower = (x - loc - half) / scale
-    # Phi(u) - Phi(l) == Phi(-l) - Phi(-u): evaluate on the side where both arguments are <= their mean.
-    flip = (upper + lower) > 0
-    a = torch.where(flip, -upper, lower)
-    b = torch.where(flip, -lower, upper)
-    log_b = torch.special.log_ndtr(b)
-    diff = (torch.special.log_ndtr(a) - log_b).clamp(max=-1e-12)
-    log_exact = log_b + torch.log(-torch.expm1(diff))
-    mid = 0.5 * (a + b)
-    log_midpoint = -0.5 * mid * mid - 0.5 * math.log(2.0 * math.pi) + torch.log(b - a)
-    log_mass = torch.where((b - a) < 1e-3, log_midpoint, log_exact)
-    # extreme bins: log Phi(upper) at the lower end, log Phi(-lower) = log(1 - Phi(lower)) at the upper end
-    log_tail = torch.special.log_ndtr(torch.where(x < 0, upper, -lower))
-    log_mass = torch.where((x < -1.0 + edge) | (x > 1.0 - edge), log_tail, log_mass)
-    return -log_mass
-
-
-def _expand(value: int | Sequence[int], n: int, name: str, per: str = "spatial axis") -> tuple[int, ...]:
-    """``value`` as ``n`` ints: an int is repeated, a sequence must have ``n`` entries (one per ``per``)."""
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"{name} needs {n} entries (one per {per}), got {value}.")
-    return value
-
-
-def resolve_strides(
-    img_size: Sequence[int], num_levels: int, strides: Sequence[int | Sequence[int]] | None = None
-) -> tuple[tuple[int, ...], ...]:
-    """Per-axis down-sampling factor between consecutive levels.
-
-    Args:
-        img_size: spatial size of level 0, e.g. ``(32, 192)``.
-        num_levels: number of levels (the factors are for the ``num_levels - 1`` transitions).
-        strides: ``None`` for the default (2 along every axis whose current size is even, else 1,
-            so an axis stops shrinking once it is odd, e.g. 1), or one entry per transition, each an
-            int (all axes) or a per-axis tuple.
-
-    Returns:
-        ``num_levels - 1`` tuples of ``len(img_size)`` ints.
-
-    Raises:
-        ValueError: when an explicit factor does not divide the size it is applied to.
-    """
-    size = tuple(int(s) for s in img_size)
-    nd = len(size)
-    if strides is not None and len(strides) != num_levels - 1:
-        raise ValueError(f"strides needs num_levels - 1 = {num_levels - 1} entries, got {len(strides)}.")
-    out = []
-    for level in range(num_levels - 1):
-        if strides is None:
-            factor = tuple(2 if s % 2 == 0 else 1 for s in size)
-        else:
-            factor = _expand(strides[level], nd, f"strides[{level}]")
-            bad = [(s, f) for s, f in zip(size, factor) if f < 1 or s % f != 0]
-            if bad:
-                raise ValueError(
-                    f"strides[{level}]={factor} does not divide the level-{level} size {size} (size, factor): {bad}."
-                )
-        out.append(factor)
-        size = tuple(s // f for s, f in zip(size, factor))
-    return tuple(out)
-
-
-def level_sizes(img_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """Spatial size of every level given the level-0 size and the per-transition factors."""
-    sizes = [tuple(int(s) for s in img_size)]
-    for factor in strides:
-        sizes.append(tuple(s // f for s, f in zip(sizes[-1], factor)))
-    return sizes
 
 
 class _ConvBlock(nn.Module):
@@ -363,15 +235,15 @@ class HierarchicalVAE(nn.Module):
         if not widths or min(widths) < 1:
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}.")
         n_levels = len(widths)
-        blocks = _expand(blocks_per_level, n_levels, "blocks_per_level", "level of widths")
-        z_dims = _expand(z_dim, n_levels, "z_dim", "level of widths")
+        blocks = expand_per_axis(blocks_per_level, n_levels, "blocks_per_level", "level of widths")
+        z_dims = expand_per_axis(z_dim, n_levels, "z_dim", "level of widths")
         if min(blocks) < 0 or min(z_dims) < 1:
             raise ValueError(f"blocks_per_level must be >= 0 and z_dim >= 1, got {blocks} and {z_dims}.")
         if not 0.0 < bottleneck <= 4.0:
             raise ValueError(f"bottleneck must be in (0, 4], got {bottleneck}.")
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0, got {free_bits}.")
-        z_limit = _expand(z_max_res, spatial_dims, "z_max_res")
+        z_limit = expand_per_axis(z_max_res, spatial_dims, "z_max_res")
         resolved = resolve_strides(img_size, n_levels, strides)
         self.sizes = level_sizes(img_size, resolved)
         self.stochastic = [all(s <= m for s, m in zip(size, z_limit)) and b > 0 for size, b in zip(self.sizes, blocks)]
