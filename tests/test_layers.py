@@ -102,3 +102,10 @@ def test_the_check_sees_local_imports(tmp_path):
     assert "monai_cft.inference" in _imports("monai_cft.transforms.m", path)
     path.write_text("from ..engines import common\n")
     assert "monai_cft.engines" in _imports("monai_cft.transforms.m", path)
+
+
+def test_no_module_over_600_lines():
+    root = PACKAGE.parent
+    long = sorted(f"{p.relative_to(root)}: {n} lines" for p in [*PACKAGE.rglob("*.py"), *(root / "scripts").rglob("*.py")]
+                  if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600)
+    assert not long, "\n".join(long)
