@@ -277,6 +277,14 @@ class CounterfactualPipeline:
     def load_case(self, image: Any, centerline: Any | None = None) -> torch.Tensor:
         """The model-sized sCPR image (1, *img_size) in HU, as a ``MetaTensor`` with its affine.
 
+        See :meth:`_load` (which also returns the 3D volume a centreline was given for).
+        """
+        return self._load(image, centerline)[0]
+
+    def _load(self, image: Any, centerline: Any | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(sCPR, volume)``: the model-sized sCPR image (1, *img_size) in HU as a ``MetaTensor``, and the
+        (1, X, Y, Z) volume it was straightened from (``None`` for an sCPR input).
+
         Args:
             image: a NIfTI path, or an array / tensor / ``MetaTensor``: a (1, *img_size) or
                 (*img_size) sCPR image, or (with ``centerline``) a (1, X, Y, Z) / (X, Y, Z) volume.
@@ -286,6 +294,7 @@ class CounterfactualPipeline:
         from monai.data import MetaTensor
         from monai.transforms import LoadImage
 
+        volume = None
         if isinstance(image, (str, os.PathLike)):
             if not Path(image).is_file():
                 raise FileNotFoundError(f"image file {str(image)!r} does not exist.")
@@ -311,8 +320,9 @@ class CounterfactualPipeline:
                 output_size=(self.img_size[0], self.img_size[-1]),
                 spacing=self.spacing,
                 out_dims=self.spatial_dims,
-                record_grid=False,
+                record_grid=True,  # the grid writes a counterfactual back into the volume (save(write_volume=True))
             )
+            volume = img
             img = cpr(img.float(), centerline)
         if img.ndim == self.spatial_dims:
             img = img.unsqueeze(0)
@@ -327,7 +337,7 @@ class CounterfactualPipeline:
         if not finite.all():
             bad = int((~finite).sum())
             raise ValueError(f"the image contains {bad} NaN or infinite value(s) of {finite.numel()}.")
-        return img
+        return img, (volume if centerline is not None else None)
 
     @torch.no_grad()
     def measure(self, x_unit: torch.Tensor, region_masks: torch.Tensor) -> torch.Tensor:
@@ -398,7 +408,7 @@ class CounterfactualPipeline:
             ``uncertainty`` (HU).
         """
         allow = self.allow_extrapolation if allow_extrapolation is None else bool(allow_extrapolation)
-        img = self.load_case(image, centerline)
+        img, volume = self._load(image, centerline)
         raw = _as_plain(img).to(self.device)
         x = hu_to_unit(raw, self.hu_window)[None]  # (1, 1, *spatial)
         masks = _as_plain(self.region_transform(img)).float().to(self.device)
@@ -432,6 +442,8 @@ class CounterfactualPipeline:
             "measured": as_dict(self.measure(x_cf, masks)[0]),
             "mode": self.mode,
         }
+        if volume is not None:  # a 3D CCTA with its centreline: kept to write the counterfactual back into it
+            result["volume"] = volume
         if "uncertainty" in out:
             scale = (self.hu_window[1] - self.hu_window[0]) / 2.0
             result["uncertainty"] = self._like(img, out["uncertainty"][0] * scale)
@@ -448,17 +460,28 @@ class CounterfactualPipeline:
         return data
 
     # ------------------------------------------------------------------ outputs
-    def save(self, result: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "case") -> dict[str, str]:
+    def save(self, result: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "case",
+             write_volume: bool = False) -> dict[str, str]:
         """Write a result of :meth:`__call__` to ``output_dir`` (atomically).
 
         Files: ``<name>_cf.nii.gz`` (counterfactual, HU, float32, the sCPR affine),
         ``<name>_diff.nii.gz`` (counterfactual - factual, HU), ``<name>_panel.png`` (factual,
         counterfactual, difference, region boundaries dashed, intended and measured values in the
-        title) and ``<name>_values.json`` (every variable: factual, intended, measured).
+        title) and ``<name>_values.json`` (every variable: factual, intended, measured). With
+        ``write_volume`` (the input was a 3D CCTA with a centreline) also
+        ``<name>_cf_volume.nii.gz``: the volume with the counterfactual's change written back along
+        the sampling grid (:class:`~monai_cft.transforms.UnstraightenCPR`, trilinear splatting),
+        float32 HU with the volume's own affine, so it opens over the original scan in 3D Slicer.
 
         Returns:
-            ``{"counterfactual", "difference", "panel", "values"}`` -> written path.
+            ``{"counterfactual", "difference", "panel", "values"[, "volume"]}`` -> written path.
+
+        Raises:
+            ValueError: ``write_volume`` for a result whose input was an sCPR (no volume to write into).
         """
+        if write_volume and result.get("volume") is None:
+            raise ValueError("write_volume needs a result of a 3D CCTA volume given with its centreline; this one "
+                             "came from an sCPR image.")
         from monai_cft.utils.io import check_file_name, save_json, save_nifti
         from monai_cft.visualize import plot_counterfactual_panel, region_boundaries
 
@@ -495,6 +518,13 @@ class CounterfactualPipeline:
             },
         }
         paths["values"] = save_json(values, out / f"{name}_values.json")
+        if write_volume:
+            from monai_cft.transforms.unstraighten import UnstraightenCPR
+
+            vol = result["volume"]
+            cf_vol = UnstraightenCPR(mode="bilinear")(vol.float(), result["counterfactual"], result["image"])
+            paths["volume"] = save_nifti(_as_plain(cf_vol)[0].numpy(), _affine4(vol.affine, 3),
+                                         out / f"{name}_cf_volume.nii.gz", np.float32)
         return {k: str(v) for k, v in paths.items()}
 
     @staticmethod

@@ -106,22 +106,26 @@ class CounterfactualInferenceEngine(Evaluator):
         network: a :class:`~monai_cft.inference.CounterfactualPipeline`.
         inferer: a :class:`CounterfactualInferer`.
         output_dir: where each case's files go (``<name>_cf.nii.gz``, ...).
+        write_volume: also write ``<name>_cf_volume.nii.gz``, the counterfactual written back into the
+            3D CCTA of a case given as a volume with its centreline (an error for an sCPR case).
         verbose: print one line per case (intended and measured value).
     """
 
     def __init__(self, device: str | torch.device, val_data_loader: Any, network: Any, inferer: Inferer,
-                 output_dir: str | os.PathLike, verbose: bool = True, **kwargs: Any) -> None:
+                 output_dir: str | os.PathLike, write_volume: bool = False, verbose: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(device=torch.device(device) if isinstance(device, str) else device,
                          val_data_loader=val_data_loader, decollate=False, **kwargs)
         self.network = network
         self.inferer = inferer
         self.output_dir = Path(output_dir)
+        self.write_volume = bool(write_volume)
         self.verbose = bool(verbose)
         self.saved: list[dict[str, str]] = []
 
     def _iteration(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         result = self.inferer(batchdata, self.network)
-        paths = self.network.save(result, self.output_dir, batchdata["name"])
+        paths = self.network.save(result, self.output_dir, batchdata["name"], write_volume=self.write_volume)
         self.saved.append(paths)
         if self.verbose:
             for k in result["intervention"]:
