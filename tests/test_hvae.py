@@ -218,3 +218,14 @@ def test_quick_preset_3d_builds():
     net = build_hvae("quick", 3, (32, 32, 192), 9)
     assert net.latent_shapes[-1] == (8, 8, 8, 48)
     assert math.isfinite(sum(p.numel() for p in net.parameters()))
+
+
+def test_from_config_round_trips_a_preset_network_with_overrides():
+    """A bundle-trained DSCM's HVAE config carries ``overrides`` (provenance): from_config rebuilds it."""
+    net = build_hvae("quick", 2, (32, 192), 9, widths=(8, 16, 16, 16), blocks_per_level=1, z_max_res=24)
+    assert net.config["overrides"] == ["blocks_per_level", "widths", "z_max_res"]
+    again = HierarchicalVAE.from_config(net.config)
+    again.load_state_dict(net.state_dict())
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
+        HierarchicalVAE.from_config({**net.config, "colour": 1})

@@ -27,6 +27,7 @@ over the batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,14 +42,8 @@ from monai_cft.networks.strides import expand_per_axis, level_sizes, resolve_str
 from monai_cft.utils.distributed import batch_randn_like
 from monai_cft.utils.state_dict import state_dict_problems
 
-__all__ = [
-    "HierarchicalVAE",
-    "beta_schedule",
-    "discretized_gaussian_nll",
-    "gaussian_kl",
-    "resolve_strides",
-    "level_sizes",
-]
+__all__ = ["HierarchicalVAE", "beta_schedule", "discretized_gaussian_nll", "gaussian_kl", "resolve_strides",
+           "level_sizes"]
 
 #: softplus(_SOFTPLUS_ONE) == 1, so a zero-initialised raw scale gives a unit standard deviation.
 _SOFTPLUS_ONE = math.log(math.e - 1.0)
@@ -57,6 +52,8 @@ _MIN_STD = 1e-5
 #: keys of :attr:`HierarchicalVAE.config` that define the parameter shapes (checkpoint compatibility).
 ARCH_KEYS = ("spatial_dims", "in_channels", "img_size", "num_parents", "widths", "blocks_per_level", "z_dim",
              "z_max_res", "strides", "bottleneck", "embed_dim", "cond_prior", "spatial_parents")
+#: keys of :attr:`HierarchicalVAE.config` that record provenance, not constructor arguments.
+_PROVENANCE_KEYS = ("overrides",)
 #: value of an architecture key that checkpoints written before the key existed imply.
 _ARCH_DEFAULTS = {"spatial_parents": False}
 
@@ -354,8 +351,14 @@ class HierarchicalVAE(nn.Module):
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> HierarchicalVAE:
-        """Build a network from :attr:`config` (e.g. read back from a checkpoint's meta)."""
-        return cls(**dict(config))
+        """Build a network from :attr:`config` (e.g. a checkpoint's ``meta["hvae_config"]``); provenance
+        (``"overrides"`` of :func:`~monai_cft.networks.presets.build_hvae`) is skipped, other unknown keys raise."""
+        params = inspect.signature(cls).parameters
+        args = {k: v for k, v in dict(config).items() if k not in _PROVENANCE_KEYS}
+        if sorted(set(args) - set(params)):
+            raise ValueError(f"HierarchicalVAE config has unknown key(s) {sorted(set(args) - set(params))}; "
+                             f"constructor arguments are {sorted(params)}.")
+        return cls(**args)
 
     @property
     def num_latent_layers(self) -> int:
