@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 
-from monai_cft.utils.io import check_file_name
+from monai_cft.utils.io import check_file_name, read_json
 
 __all__ = ["inference_items", "CounterfactualInferer", "CounterfactualInferenceEngine"]
 
@@ -52,12 +51,7 @@ def inference_items(image: Any = "", intervention: Any = None, variables: Any = 
     root = Path(".")
     if isinstance(datalist, (str, os.PathLike)):
         path = Path(datalist)
-        if not path.is_file():
-            raise FileNotFoundError(f"inference datalist {str(path)!r} does not exist.")
-        try:
-            cases = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"inference datalist {str(path)!r} is not valid JSON: {err}.") from None
+        cases = read_json(path, "inference datalist")
         root = path.parent
     else:
         cases = datalist

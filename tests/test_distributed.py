@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from monai_cft.utils.io import _is_number  # the CSV reader's own test of a number cell
 from test_bundle_training import make_scpr_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,14 +183,6 @@ def test_evaluation_on_two_processes_equals_one(setup, cft_runs):
         assert {k: v for k, v in a.items() if not _is_number(v)} == {k: v for k, v in b.items() if not _is_number(v)}
         assert [float(b[k]) for k in a if _is_number(a[k])] == pytest.approx(
             [float(a[k]) for k in a if _is_number(a[k])], rel=1e-4, abs=1e-4)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _assert_close(got, want, path="metrics"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monai_cft.utils.io import DEFAULT_SPLITS, load_datalist
+from monai_cft.utils.io import DEFAULT_SPLITS, load_datalist, read_json
 from monai_cft.data.prepare import PREPARE_CONFIG
 from monai_cft.variables import variable_names
 
@@ -36,10 +35,7 @@ def load_prepare_config(scpr_dir: str | Path) -> dict[str, Any]:
             f"{str(path)!r} does not exist; run "
             f"`python -m monai_cft.data.prepare --data-dir RAW --out {scpr_dir}` first."
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}.") from None
+    config = read_json(path, "prepare config")
     if not isinstance(config, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}.")
     missing = [k for k in _CONFIG_KEYS if k not in config]

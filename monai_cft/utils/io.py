@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "read_json",
     "atomic_path",
     "save_nifti",
     "save_json",
@@ -174,6 +175,17 @@ def save_nifti(array: Any, affine: Any, path: PathLike, dtype: Any = None) -> Pa
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """The parsed JSON of ``path``; ``FileNotFoundError`` / ``ValueError`` naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}.") from None
 
 
 def save_json(obj: Any, path: PathLike, indent: int | None = 2) -> Path:
@@ -327,10 +339,7 @@ def load_centerline(path: PathLike) -> np.ndarray:
     if name.endswith(".npy"):
         pts = np.load(path, allow_pickle=False)
     elif name.endswith(".json"):
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"centreline file {str(path)!r} is not valid JSON: {err}.") from None
+        obj = read_json(path, "centreline file")
         pts = _points_from_json(obj, path)
     elif name.endswith(".fcsv"):
         pts = _read_fcsv(path)
@@ -400,12 +409,7 @@ def load_datalist(
         ValueError: malformed JSON or structure (the message names the offending split / item / key).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {str(path)!r} does not exist.")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {str(path)!r} is not valid JSON: {err}.") from None
+    data = read_json(path, "datalist")
     if not isinstance(data, dict):
         raise ValueError(f"datalist {str(path)!r} must be a JSON object with split lists, got {type(data).__name__}.")
     if splits is None:
