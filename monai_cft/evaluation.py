@@ -33,7 +33,7 @@ import torch
 from monai_cft.cft_curves import list_snapshots, snapshot_curves
 from monai_cft.data.evaluation_data import load_ground_truth, load_split_tensors
 from monai_cft.utils.io import atomic_path
-from monai_cft.data.presets import HU_WINDOW
+from monai_cft.constants import CFT_MODES, HU_WINDOW
 from monai_cft.evaluation_core import evaluate_counterfactuals, segmentor_features
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
 from monai_cft.transforms.regions import context_pixels
@@ -209,7 +209,7 @@ class CounterfactualEvaluation:
                 _write_csv_atomic(self.out_dir.parent / ref / "effectiveness.csv", by_mode[ref])
         _write_json_atomic(self.out_dir / "metrics.json", metrics)
         self._figure(scm, seg, data, cfg, context)
-        write_table1(self.out_dir.parent, ("none", "reg", "seg", "pos_seg"), list(structures), cfg["regions"],
+        write_table1(self.out_dir.parent, CFT_MODES, list(structures), cfg["regions"],
                      self.out_dir / "table1.md")
         print(f"evaluation of mode {self.cft_mode} on {len(data['ids'])} {self.split} cases written to {self.out_dir} "
               f"in {time.time() - t0:.1f} s")

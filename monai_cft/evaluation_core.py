@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_cft.data.presets import HU_WINDOW
+from monai_cft.constants import HU_WINDOW
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import summarize
 from monai_cft.utils.distributed import all_reduce_sum_, global_batch, is_main_process, shard_rows, world_size
@@ -201,7 +202,6 @@ def evaluate_counterfactuals(
         ``response_slope_ground_truth`` and ``ground_truth`` with ``ground_truth``;
         ``calcium_threshold`` with ``calcium_threshold_hu``.
     """
-    from monai_cft.inference import hu_to_unit, unit_to_hu
     from monai_cft.metrics import composition, frechet_distance, kernel_distance, locality, reversibility
     from monai_cft.metrics.calcium import calcium_areas
     from monai_cft.metrics.interventions import uniform_targets
@@ -220,7 +220,8 @@ def evaluate_counterfactuals(
     gen = torch.Generator().manual_seed(seed)  # the reversibility draws
     torch.manual_seed(seed)
     gt = None if ground_truth is None else _ground_truth_tensors(ground_truth, targets, tuple(images.shape[2:]), names)
-    lo_hu, hi_hu = float(hu_window[0]), float(hu_window[1])
+    window = HUWindow(hu_window)
+    lo_hu, hi_hu = window.window
     if calcium_threshold_hu is not None:
         calcium_threshold_hu = float(calcium_threshold_hu)
         if not lo_hu <= calcium_threshold_hu < hi_hu:
@@ -266,7 +267,7 @@ def evaluate_counterfactuals(
         x, pa = images[sl], variables[sl].to(device)
         with global_batch(stop - start):
             meas_f[sl] = _measure(segmentor, x, region_masks, channels, element_size, segmentor_context)
-            x_hu = unit_to_hu(x.clamp(-1.0, 1.0), hu_window)
+            x_hu = window.inverse(x.clamp(-1.0, 1.0))
             if thr is not None:
                 thr_f[sl] = calcium_areas(x_hu, region_masks, thr, element_size).cpu()
             if feature_fn is not None:
@@ -278,13 +279,13 @@ def evaluate_counterfactuals(
                 x_cf, pa_cf = out["x_cf"], out["parents_cf"].float()
                 parents_cf[sl, vi] = pa_cf.cpu()
                 meas_cf[sl, vi] = _measure(segmentor, x_cf, region_masks, channels, element_size, segmentor_context)
-                cf_hu = unit_to_hu(x_cf.clamp(-1.0, 1.0), hu_window)
+                cf_hu = window.inverse(x_cf.clamp(-1.0, 1.0))
                 if thr is not None:
                     thr_cf[sl, vi] = calcium_areas(cf_hu, region_masks, thr, element_size).cpu()
                 if gt is not None:
-                    g = hu_to_unit(gt["images"][sl, vi].unsqueeze(1).to(device), hu_window)
+                    g = window(gt["images"][sl, vi].unsqueeze(1).to(device))
                     meas_gt[sl, vi] = _measure(segmentor, g, region_masks, channels, element_size, segmentor_context)
-                    g_hu = unit_to_hu(g, hu_window)  # the ground truth clipped to the window, as a model can produce it
+                    g_hu = window.inverse(g)  # the ground truth clipped to the window, as a model can produce it
                     r_in = inside[vi % k]
                     l1[sl, vi, 0] = _masked_l1(cf_hu, g_hu, r_in)
                     l1[sl, vi, 1] = _masked_l1(cf_hu, g_hu, ~r_in)

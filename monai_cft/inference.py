@@ -42,16 +42,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_cft.data.presets import HU_WINDOW
+from monai_cft.constants import HU_WINDOW, check_cft_mode
 from monai_cft.engines.common import as_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.networks.loading import load_regressor, load_segmentor
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.utils.checks import check_count
 
 __all__ = [
     "parse_intervention",
-    "hu_to_unit",
-    "unit_to_hu",
     "load_segmentor",
     "load_regressor",
     "CounterfactualPipeline",
@@ -61,18 +60,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def hu_to_unit(x: torch.Tensor, window: Sequence[float] = HU_WINDOW) -> torch.Tensor:
-    """Clip HU to ``window`` and map it linearly to [-1, 1] (what the networks take)."""
-    lo, hi = float(window[0]), float(window[1])
-    return (x.clamp(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
-
-
-def unit_to_hu(x: torch.Tensor, window: Sequence[float] = HU_WINDOW) -> torch.Tensor:
-    """Inverse of :func:`hu_to_unit` on [-1, 1] (values outside the window cannot be recovered)."""
-    lo, hi = float(window[0]), float(window[1])
-    return (x + 1.0) * 0.5 * (hi - lo) + lo
 
 
 def parse_intervention(
@@ -210,10 +197,8 @@ class CounterfactualPipeline:
             raise ValueError(f"spacing must be a positive pixel size in mm, got {spacing}.")
         self.spacing = float(spacing)
         self.region_transform = region_transform if region_transform is not None else RegionMasks()
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
-        if not (math.isfinite(self.hu_window[0]) and math.isfinite(self.hu_window[1])) or not (
-                self.hu_window[0] < self.hu_window[1]):
-            raise ValueError(f"hu_window must be (low, high) finite HU with low < high, got {tuple(hu_window)!r}.")
+        self.intensity = HUWindow(hu_window)
+        self.hu_window = self.intensity.window
         self.mode = mode
         if isinstance(noise_temperature, bool) or not isinstance(noise_temperature, (int, float)) or not (
                 math.isfinite(noise_temperature) and noise_temperature >= 0):
@@ -251,7 +236,6 @@ class CounterfactualPipeline:
         """
         from monai.bundle import ConfigParser
 
-        from monai_cft.engines.cft_trainer import check_cft_mode
         from monai_cft.utils.bundle import find_bundle_root
 
         check_cft_mode(mode)
@@ -410,7 +394,7 @@ class CounterfactualPipeline:
         allow = self.allow_extrapolation if allow_extrapolation is None else bool(allow_extrapolation)
         img, volume = self._load(image, centerline)
         raw = _as_plain(img).to(self.device)
-        x = hu_to_unit(raw, self.hu_window)[None]  # (1, 1, *spatial)
+        x = self.intensity(raw)[None]  # (1, 1, *spatial)
         masks = _as_plain(self.region_transform(img)).float().to(self.device)
         measured_factual = self.measure(x, masks)[0]
         factual = self._factual_values(variables, measured_factual)
@@ -428,8 +412,8 @@ class CounterfactualPipeline:
             noise_temperature=self.noise_temperature, allow_extrapolation=allow,
         )
         x_cf = out["x_cf"]
-        factual_hu = unit_to_hu(x[0], self.hu_window)
-        cf_hu = unit_to_hu(x_cf[0], self.hu_window)
+        factual_hu = self.intensity.inverse(x[0])
+        cf_hu = self.intensity.inverse(x_cf[0])
         result = {
             "image": self._like(img, factual_hu),
             "counterfactual": self._like(img, cf_hu),
@@ -445,8 +429,7 @@ class CounterfactualPipeline:
         if volume is not None:  # a 3D CCTA with its centreline: kept to write the counterfactual back into it
             result["volume"] = volume
         if "uncertainty" in out:
-            scale = (self.hu_window[1] - self.hu_window[0]) / 2.0
-            result["uncertainty"] = self._like(img, out["uncertainty"][0] * scale)
+            result["uncertainty"] = self._like(img, out["uncertainty"][0] * self.intensity.hu_per_unit)
         return result
 
     @staticmethod

@@ -53,11 +53,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monai_cft.constants import CFT_MODES
 from monai_cft.utils.cli import count_arg, number_arg, run_cli
 
 __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 
-CFT_MODES = ("none", "reg", "seg", "pos_seg")
 #: the mode whose fine-tuned DSCM is the bundle's main network, also written as ``models/model.pt``
 MAIN_MODE = "pos_seg"
 #: epochs per stage kind for the 30-minute CPU run of the quick preset (the bundle configs' own

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from monai_cft.benchmark_report import format_number as _num
+from monai_cft.constants import MODE_LABELS
 from monai_cft.utils.io import atomic_path
 
 __all__ = ["publish", "replace_block"]
 
-_MODE_LABELS = {"none": "No-CFT", "reg": "Reg-CFT", "seg": "Seg-CFT", "pos_seg": "Pos-Seg-CFT"}
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -75,7 +75,7 @@ def _headline(summary: dict, measurements: dict | None, stage_seconds: float) ->
     gap = (summary.get("gap_closure") or {}).get("vs_no_cft")
     if gap:
         lines.append("- Gap closure vs No-CFT (median over the 9 rows; 1 = as good as the ground truth): "
-                     + ", ".join(f"{_MODE_LABELS.get(m, m)} {_num(v.get('median'))}" for m, v in gap.items()) + ".")
+                     + ", ".join(f"{MODE_LABELS.get(m, m)} {_num(v.get('median'))}" for m, v in gap.items()) + ".")
     slopes = summary.get("response_slope")
     if slopes:
         parts = []
@@ -83,7 +83,7 @@ def _headline(summary: dict, measurements: dict | None, stage_seconds: float) ->
             vals = [v["intervened"] for v in per.values() if v.get("intervened") is not None]
             vals = [v for v in vals if not math.isnan(v)]
             if vals:
-                parts.append(f"{_MODE_LABELS.get(src, src.replace('_', ' '))} {_num(sorted(vals)[len(vals) // 2])}")
+                parts.append(f"{MODE_LABELS.get(src, src.replace('_', ' '))} {_num(sorted(vals)[len(vals) // 2])}")
         if parts:
             lines.append("- Response slope in the intervened region (median over the 9 rows; 1 = follows the "
                          "intervention): " + ", ".join(parts) + ".")

@@ -32,13 +32,13 @@ from pathlib import Path
 from monai_cft.benchmark_report import format_number as _num
 from monai_cft.benchmark_report import measurements_section, validity_section
 from monai_cft.cft_curves import curves_section
+from monai_cft.constants import MODE_LABELS
 
 from monai_cft.metrics.response import gap_closure
 from monai_cft.metrics.summary import finite_median
 
 __all__ = [
     "EFFECTIVENESS_COLUMNS",
-    "MODE_LABELS",
     "REFERENCE_LABELS",
     "STRUCTURE_LABELS",
     "read_effectiveness",
@@ -62,7 +62,6 @@ EFFECTIVENESS_COLUMNS = (
     "abs_error",
 )
 
-MODE_LABELS = {"none": "No-CFT", "reg": "Reg-CFT", "seg": "Seg-CFT", "pos_seg": "Pos-Seg-CFT"}
 #: the baselines of Table 1, in ``<eval_root>/<name>/effectiveness.csv``: the first and the last row of a block.
 REFERENCE_LABELS = {"identity": "Identity (x unchanged)", "ground_truth": "Ground truth"}
 STRUCTURE_LABELS = {"noncalcified": "NCPA", "calcified": "CPA", "lumen": "LA"}

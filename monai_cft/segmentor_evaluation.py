@@ -29,6 +29,7 @@ from monai_cft.utils.io import save_json
 from monai_cft.metrics.calcium import CalciumThreshold, calcium_areas
 from monai_cft.metrics.effectiveness import measure_with_segmentor, segmentor_probabilities
 from monai_cft.metrics.segmentation import dice_per_structure
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.transforms.regions import context_pixels
 from monai_cft.utils.cli import run_cli
 
@@ -70,18 +71,17 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
     ``context``: as the segmentor measures (None: whole images; an integer: each region on its own
     window with that many pixels of context, see :func:`~monai_cft.metrics.effectiveness.segmentor_probabilities`).
     """
-    from monai_cft.inference import hu_to_unit
     from monai_cft.transforms.measures import measure_structures
 
     config = data["config"]
     structures = dict(config["structures"])
-    lo, hi = config["hu_window"]
+    window = HUWindow(config["hu_window"])
     segmentor.eval()
     preds, areas = [], []
     element = float(config["spacing"]) ** (data["images"].ndim - 2)
     with torch.no_grad():
         for start in range(0, len(data["images"]), batch_size):
-            x = hu_to_unit(data["images"][start : start + batch_size], (lo, hi))
+            x = window(data["images"][start : start + batch_size])
             probs = segmentor_probabilities(segmentor, x, data["region_masks"], context).cpu()
             preds.append(probs.argmax(1, keepdim=True).to(torch.uint8))
             areas.append(measure_structures(probs, data["region_masks"], list(structures.values()), element).flatten(1))
@@ -95,7 +95,7 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
 
 def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Parent sensitivity of the pretrained DSCM (before any CFT) under the evaluation segmentor."""
-    from monai_cft.inference import hu_to_unit, load_segmentor
+    from monai_cft.inference import load_segmentor
     from monai_cft.metrics.response import parent_sensitivity
     from monai_cft.networks.dscm import DeepSCM
 
@@ -109,7 +109,7 @@ def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, A
     def measure(x: torch.Tensor) -> torch.Tensor:
         return measure_with_segmentor(seg, x, data["region_masks"], channels, element, context=context).flatten(1)
 
-    images = hu_to_unit(data["images"], config["hu_window"])
+    images = HUWindow(config["hu_window"])(data["images"])
     torch.manual_seed(0)
     slopes = parent_sensitivity(scm, measure, images, data["variables"].float(), list(config["variables"]))
     # null where no slope is defined (fewer than 2 cases, or a variable without variation)

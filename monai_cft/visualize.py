@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_cft.constants import HU_WINDOW
+from monai_cft.transforms.intensity import HUWindow
+
 __all__ = ["region_boundaries", "wrap_title", "plot_counterfactual_panel", "save_fig1"]
 
 
@@ -69,7 +72,7 @@ def plot_counterfactual_panel(
     difference: Any | None = None,
     boundaries: Sequence[float] = (),
     title: str = "",
-    window: tuple[float, float] = (-300.0, 1100.0),
+    window: Sequence[float] = HU_WINDOW,
     spacing: float | None = None,
     unit: str = "HU",
     dpi: int = 150,
@@ -197,8 +200,8 @@ def save_fig1(
     from monai_cft.metrics.effectiveness import measure_with_segmentor
 
     names, regions = list(config["variables"]), list(config["regions"])
-    window = tuple(config.get("hu_window", (-300.0, 1100.0)))
-    hu = lambda t: (t + 1.0) * 0.5 * (window[1] - window[0]) + window[0]  # noqa: E731
+    intensity = HUWindow(config.get("hu_window", HU_WINDOW))
+    window, hu = intensity.window, intensity.inverse
     columns = [names.index(f"{structure}_{r}") for r in regions]
     images, variables = data["images"], data["variables"]
     i = case_index if case_index is not None else _fig1_case(

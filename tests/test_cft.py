@@ -14,7 +14,8 @@ from ignite.engine import Events
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_cft.engines.cft_trainer import CFTTrainer, ConstrainedELBO, check_cft_mode
+from monai_cft.constants import check_cft_mode
+from monai_cft.engines.cft_trainer import CFTTrainer, ConstrainedELBO
 from monai_cft.losses import RegressorGuidanceLoss, SegmentorGuidanceLoss, ranges_to_scales
 from monai_cft.networks.dscm import DeepSCM, ParentNormalizer
 from monai_cft.networks.flows import AttributeMechanisms

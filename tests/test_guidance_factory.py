@@ -8,7 +8,7 @@ from torch import nn
 
 import monai_cft.engines.guidance as guidance
 from monai_cft.engines.guidance import GUIDANCE_BUILDERS, build_guidance_loss
-from monai_cft.engines.cft_trainer import CFT_MODES
+from monai_cft.constants import CFT_MODES
 from monai_cft.losses import RegressorGuidanceLoss, SegmentorGuidanceLoss, ranges_to_scales
 
 STRUCTURES = {"lumen": 1, "calcified": 2}

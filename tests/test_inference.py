@@ -18,7 +18,8 @@ import torch
 from monai.data import MetaTensor
 
 from monai_cft.data.presets import HU_WINDOW
-from monai_cft.inference import CounterfactualPipeline, hu_to_unit, load_segmentor, parse_intervention, unit_to_hu
+from monai_cft.inference import CounterfactualPipeline, load_segmentor, parse_intervention
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.networks.dscm import build_dscm
 from monai_cft.networks.predictors import ParentRegressor, build_segmentor
 from monai_cft.utils.bundle import run_bundle
@@ -149,12 +150,6 @@ def test_parse_intervention_relative_absolute_and_errors():
         parse_intervention({}, factual, ranges)
 
 
-def test_hu_scaling_round_trip():
-    hu = torch.tensor([-1000.0, -300.0, 400.0, 1100.0, 3000.0])
-    assert torch.allclose(hu_to_unit(hu), torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]))
-    assert torch.allclose(unit_to_hu(hu_to_unit(hu)), hu.clamp(*HU_WINDOW))
-
-
 # ---------------------------------------------------------------- Python API
 @pytest.fixture(scope="module")
 def pipe(env, finetuned):
@@ -273,7 +268,7 @@ def test_fig1_panel(env, tmp_path):
 
     items = json.loads((env["scpr"] / "dataset.json").read_text())["training"]
     load = LoadImage(image_only=True, ensure_channel_first=True)
-    images = torch.stack([hu_to_unit(load(str(env["scpr"] / it["image"])).as_tensor().float()) for it in items])
+    images = torch.stack([HUWindow()(load(str(env["scpr"] / it["image"])).as_tensor().float()) for it in items])
     data = {
         "images": images,
         "variables": torch.tensor([it["variables"] for it in items]),

@@ -1,6 +1,6 @@
 """The package's layer order, enforced on every import statement (module level and local imports alike).
 
-Bottom to top: ``variables`` and ``utils`` -> ``transforms`` -> ``networks``, ``losses``, ``metrics``
+Bottom to top: ``variables``, ``constants`` and ``utils`` -> ``transforms`` -> ``networks``, ``losses``, ``metrics``
 -> ``data``, ``engines`` -> the applications (``inference``, ``evaluation``, ``report``,
 ``visualize``, ``pipeline``, ...) -> ``monailabel``. A module may import its own layer or lower ones,
 never a higher one, and no chain of imports may lead back to where it started (docs/design.md draws
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "monai_cft"
-LAYERS = {"variables": 0, "utils": 0, "transforms": 1, "networks": 2, "losses": 2, "metrics": 2, "data": 3,
+LAYERS = {"variables": 0, "constants": 0, "utils": 0, "transforms": 1, "networks": 2, "losses": 2, "metrics": 2, "data": 3,
           "engines": 3, "monailabel": 5}
 APPLICATION = 4  # every other top-level module: inference, evaluation, report, pipeline, ...
 

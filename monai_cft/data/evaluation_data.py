@@ -17,7 +17,8 @@ import torch
 from monai.transforms import LoadImage
 
 from monai_cft.data.dataset import load_prepare_config, load_scpr_datalist
-from monai_cft.data.presets import HU_WINDOW
+from monai_cft.constants import HU_WINDOW
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.transforms.regions import RegionMasks
 
 __all__ = ["load_split_tensors", "load_ground_truth"]
@@ -38,10 +39,9 @@ def load_split_tensors(dataset_dir: str | os.PathLike, split: str, max_cases: in
         items = items[: int(max_cases)]
     if not items:
         raise ValueError(f"split {split!r} of {str(dataset_dir)!r} has no cases to evaluate.")
-    lo, hi = config.get("hu_window", HU_WINDOW)
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     images = torch.stack([torch.as_tensor(loader(it["image"])).float() for it in items])
-    images = ((images.clamp(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).to(device)
+    images = HUWindow(config.get("hu_window", HU_WINDOW))(images).to(device)
     variables = torch.tensor([it["variables"] for it in items], dtype=torch.float32, device=device)
     masks = RegionMasks(boundaries=config["boundaries"], names=config["regions"])(images[0].cpu())
     return {

@@ -1,4 +1,4 @@
-"""Presets of the straightened curved planar reformation (sCPR) and the network intensity window.
+"""Presets of the straightened curved planar reformation (sCPR).
 
 ``SCPR_PRESETS["paper"]`` is the geometry of the positional Seg-CFT paper (0.25 mm pixels,
 64 x 384: 16 mm across the vessel, 96 mm along it); ``"quick"`` covers the same field of view at
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from monai_cft.constants import HU_WINDOW  # re-exported: configs written before monai_cft.constants
+
 __all__ = ["SCPR_PRESETS", "HU_WINDOW", "get_scpr_preset"]
 
 #: sCPR geometry per preset: pixel spacing (mm) and output size (H across, W along the vessel).
@@ -17,8 +19,6 @@ SCPR_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"spacing": 0.5, "output_size": (32, 192)},
 }
 
-#: HU range clipped and mapped linearly to [-1, 1] for the networks (``ScaleIntensityRanged``).
-HU_WINDOW: tuple[float, float] = (-300.0, 1100.0)
 
 
 def get_scpr_preset(name: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 from torch.optim import Optimizer
 
+from monai_cft.constants import check_cft_mode
 from monai_cft.engines.common import (
     ModelEMA,
     PrepareBatchKeys,
@@ -55,7 +56,6 @@ from monai_cft.engines.common import (
     linear_warmup,
 )
 from monai_cft.engines.constraint import ConstrainedELBO
-from monai_cft.engines.guidance import GUIDANCE_BUILDERS
 from monai_cft.engines.resume import ExactResumeMixin
 from monai_cft.utils.checkpoint import load_torch_file, save_checkpoint
 from monai_cft.utils.distributed import (
@@ -69,23 +69,14 @@ from monai_cft.utils.distributed import (
     world_size,
 )
 
-__all__ = ["CFT_MODES", "INTERVENTION_SAMPLING", "check_cft_mode", "ConstrainedELBO", "CFTTrainer"]
+__all__ = ["INTERVENTION_SAMPLING", "ConstrainedELBO", "CFTTrainer"]
 
-#: fine-tuning modes: ``none`` (the pretrained DSCM, the No-CFT baseline), Reg-CFT, Seg-CFT, Pos-Seg-CFT.
-CFT_MODES: tuple[str, ...] = tuple(GUIDANCE_BUILDERS)
 #: how intervention targets are drawn during fine-tuning.
 INTERVENTION_SAMPLING: tuple[str, ...] = ("uniform", "permute")
 
 _STATE_VERSION = 2
 #: consecutive skipped updates after which the trainer warns that training has stalled.
 _STALL_WARNING = 20
-
-
-def check_cft_mode(mode: str) -> str:
-    """Return ``mode`` if it is one of :data:`CFT_MODES`, else raise a ``ValueError`` listing them."""
-    if mode not in CFT_MODES:
-        raise ValueError(f"unknown cft_mode {mode!r}; expected one of {list(CFT_MODES)}.")
-    return mode
 
 
 def _module_prefix(parent: nn.Module, child: nn.Module) -> str:
@@ -105,7 +96,7 @@ class CFTTrainer(ExactResumeMixin, Trainer):
             ``parents_key`` ((B, V) physical units, the DSCM's variable order).
         dscm: the pretrained :class:`~monai_cft.networks.dscm.DeepSCM` (``hvae``, ``mechanisms``,
             ``normalizer``); its HVAE is trained in place, everything else is frozen.
-        mode: one of :data:`CFT_MODES`, the label recorded in the checkpoints. ``"none"`` trains
+        mode: one of :data:`monai_cft.constants.CFT_MODES`, the label recorded in the checkpoints. ``"none"`` trains
             nothing (:meth:`run` returns at once and :meth:`export` writes the pretrained weights:
             the No-CFT baseline).
         guidance_loss: what the mode fine-tunes with, built by

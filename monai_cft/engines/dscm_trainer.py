@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 
+from monai_cft.constants import HU_WINDOW
 from monai_cft.engines.common import (
     ModelEMA,
     as_plain_tensor,
@@ -45,6 +46,7 @@ from monai_cft.engines.common import (
     lower_is_better,
     step_or_skip,
 )
+from monai_cft.transforms.intensity import HUWindow
 from monai_cft.utils.distributed import all_ranks, broadcast_parameters
 
 __all__ = ["DSCMTrainer", "DSCMEvaluator", "SampleMean", "dscm_optimizers", "SCHEDULES"]
@@ -354,7 +356,7 @@ class DSCMEvaluator(Evaluator):
         epoch_length: iterations per evaluation (default: ``len(val_data_loader)``).
         image_key, parents_key: batch keys.
         hu_window: ``(hu_min, hu_max)`` mapped to [-1, 1] by the preprocessing (default
-            ``monai_cft.data.presets.HU_WINDOW``).
+            ``monai_cft.constants.HU_WINDOW``).
         key_val_metric, additional_metrics: replace the default metrics (see above).
         metric_cmp_fn: default :func:`lower_is_better`.
         val_handlers: handlers attached to the evaluator (e.g. a checkpoint saver).
@@ -401,14 +403,7 @@ class DSCMEvaluator(Evaluator):
             network = network.module
         _parts(network)
         self.network = network
-        if hu_window is None:
-            from monai_cft.data.presets import HU_WINDOW
-
-            hu_window = HU_WINDOW
-        hu_min, hu_max = float(hu_window[0]), float(hu_window[1])
-        if not hu_max > hu_min:
-            raise ValueError(f"hu_window must be (min, max) with max > min, got {tuple(hu_window)}.")
-        self.hu_per_unit = (hu_max - hu_min) / 2.0
+        self.hu_per_unit = HUWindow(HU_WINDOW if hu_window is None else hu_window).hu_per_unit
         self.image_key, self.parents_key = image_key, parents_key
         self.amp = bool(amp)
         if val_handlers is not None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_cft.constants import CFT_MODES, check_cft_mode
 from monai_cft.losses.guidance import (
     RegressorGuidanceLoss,
     SegmentorGuidanceLoss,
@@ -118,6 +119,8 @@ GUIDANCE_BUILDERS: dict[str, Callable[[GuidanceSpec], nn.Module | None]] = {
     "seg": _global_segmentor_guidance,
     "pos_seg": _regional_segmentor_guidance,
 }
+if tuple(GUIDANCE_BUILDERS) != CFT_MODES:  # pragma: no cover - a mode added in one place only
+    raise ImportError(f"GUIDANCE_BUILDERS {list(GUIDANCE_BUILDERS)} must list monai_cft.constants.CFT_MODES {list(CFT_MODES)}.")
 
 
 def build_guidance_loss(mode: str, **spec: Any) -> nn.Module | None:
@@ -125,6 +128,4 @@ def build_guidance_loss(mode: str, **spec: Any) -> nn.Module | None:
 
     Only the networks the mode needs are loaded (a Reg-CFT run needs no segmentor checkpoint).
     """
-    if mode not in GUIDANCE_BUILDERS:
-        raise ValueError(f"unknown cft_mode {mode!r}; expected one of {list(GUIDANCE_BUILDERS)}.")
-    return GUIDANCE_BUILDERS[mode](GuidanceSpec(**spec))
+    return GUIDANCE_BUILDERS[check_cft_mode(mode)](GuidanceSpec(**spec))

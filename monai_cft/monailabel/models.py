@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_cft.constants import CFT_MODES
+
 __all__ = [
-    "CFT_MODES",
     "GUIDANCE_SEGMENTOR",
     "FINETUNED_SEGMENTOR",
     "MissingModelError",
@@ -33,7 +34,6 @@ __all__ = [
     "ModelStore",
 ]
 
-CFT_MODES: tuple[str, ...] = ("none", "reg", "seg", "pos_seg")
 GUIDANCE_SEGMENTOR = "segmentor_guidance.pt"
 FINETUNED_SEGMENTOR = "segmentor_finetuned.pt"
 #: the command that writes every file of the model folder (the main job).

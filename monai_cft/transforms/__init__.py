@@ -1,4 +1,4 @@
-"""MONAI transforms of monai-cft: sCPR straightening and its inverse, region masks, structure measurements."""
+"""MONAI transforms of monai-cft: sCPR straightening and its inverse, region masks, structure measurements, the HU window."""
 
 from .cpr import (
     SCPR_ANGLE_KEY,
@@ -16,6 +16,7 @@ from .cpr import (
     resample_centerline,
     scpr_to_world,
 )
+from .intensity import HUWindow, HUWindowd
 from .unstraighten import UnstraightenCPR, UnstraightenCPRd
 from .measures import StructureMeasures, StructureMeasuresd, measure_structures
 from .regions import REGION_NAMES_KEY, RegionMasks, RegionMasksd, context_pixels, region_window_shape, region_windows
@@ -28,6 +29,8 @@ __all__ = [
     "SCPR_SPACING_KEY",
     "SCPR_VALID_COLUMNS_KEY",
     "REGION_NAMES_KEY",
+    "HUWindow",
+    "HUWindowd",
     "SCPRGeometry",
     "StraightenCPR",
     "StraightenCPRd",

@@ -50,8 +50,8 @@ def measure_variables(segmentor: torch.nn.Module, meta: Mapping[str, Any], hu: n
     Soft areas (sum of softmax probabilities per region, as in the pipeline's measurements) of every
     structure in ``meta["structures"]`` inside the positional regions ``meta["regions"]``.
     """
-    from monai_cft.data.presets import HU_WINDOW
-    from monai_cft.inference import hu_to_unit
+    from monai_cft.constants import HU_WINDOW
+    from monai_cft.transforms.intensity import HUWindow
     from monai_cft.metrics.effectiveness import measure_with_segmentor
     from monai_cft.transforms.regions import RegionMasks
     from monai_cft.variables import DEFAULT_BOUNDARIES, variable_names
@@ -61,7 +61,7 @@ def measure_variables(segmentor: torch.nn.Module, meta: Mapping[str, Any], hu: n
     masks = RegionMasks(boundaries=boundaries or meta.get("boundaries") or DEFAULT_BOUNDARIES,
                         names=meta["regions"])(x[0])
     structures = dict(meta["structures"])
-    areas = measure_with_segmentor(segmentor, hu_to_unit(x, window), torch.as_tensor(masks).float(),
+    areas = measure_with_segmentor(segmentor, HUWindow(window)(x), torch.as_tensor(masks).float(),
                                    list(structures.values()), scpr_spacing(meta) ** 2)
     names = variable_names(structures, meta["regions"])
     return dict(zip(names, (float(v) for v in areas.flatten().tolist())))

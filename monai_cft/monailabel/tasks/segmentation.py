@@ -44,11 +44,11 @@ class SegmentationTask(CFTInferTask):
 
     @torch.no_grad()
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict:
-        from monai_cft.data.presets import HU_WINDOW
-        from monai_cft.inference import hu_to_unit
+        from monai_cft.constants import HU_WINDOW
+        from monai_cft.transforms.intensity import HUWindow
 
         segmentor, meta = self.store.segmentor(finetuned=True)
-        x = hu_to_unit(torch.as_tensor(data["scpr"])[None, None], meta.get("hu_window") or HU_WINDOW)
+        x = HUWindow(meta.get("hu_window") or HU_WINDOW)(torch.as_tensor(data["scpr"])[None, None])
         logits = segmentor(x.to(next(segmentor.parameters()).device))
         label = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         data["pred"], data["pred_affine"], data["pred_dtype"] = label, data["scpr_affine"], np.uint8

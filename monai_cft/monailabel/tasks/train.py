@@ -79,8 +79,8 @@ class FinetuneSegmentor(TrainTask):
         return lr
 
     def _data(self, datastore: Any, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from monai_cft.data.presets import HU_WINDOW
-        from monai_cft.inference import hu_to_unit
+        from monai_cft.constants import HU_WINDOW
+        from monai_cft.transforms.intensity import HUWindow
 
         items = datastore.datalist()
         if not items:
@@ -100,7 +100,7 @@ class FinetuneSegmentor(TrainTask):
                 raise RequestError(f"label {item['label']!r} holds values {bad}; expected {allowed}.")
             images.append(hu)
             labels.append(label)
-        x = hu_to_unit(torch.as_tensor(np.stack(images))[:, None], meta.get("hu_window") or HU_WINDOW)
+        x = HUWindow(meta.get("hu_window") or HU_WINDOW)(torch.as_tensor(np.stack(images))[:, None])
         return x, torch.as_tensor(np.stack(labels)).long()[:, None]
 
     def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
