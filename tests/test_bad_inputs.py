@@ -4,7 +4,7 @@ inference API and its bundle run, checkpoints, bundle overrides and transforms.
 Each case gives the input, the expected exception type (or, for a CLI, its exit status and the type
 named in its one-line message) and a text the message must contain: the bad value itself, so that a
 person can see what to fix. Valid neighbours of the cases run too, so that a table cannot pass by
-refusing everything. More tables: tests/test_reliability_inputs.py, tests/test_reliability_data.py.
+refusing everything. More tables: tests/test_reliability_inputs.py, tests/data/test_reliability_data.py.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ KINDS = [
      "+ --allow_extrapolation True: the one-epoch guidance segmentor measures the factual far outside the "
      "observed range (on the main job's models the command runs as written)"),
     ("override", r"^--\w", "skip: an option list to append to the commands above, not a command"),
-    ("torchrun", r"^torchrun ", "skip: tests/test_distributed.py runs these launches (1 and 2 processes, tiny data)"),
+    ("torchrun", r"^torchrun ", "skip: tests/engines/test_distributed.py runs these launches (1 and 2 processes, tiny data)"),
 ]
 ORDER = [k for k, _, _ in KINDS]
 #: documents whose commands another test runs, with the test that runs them
-ELSEWHERE = {"docs/monailabel.md": "tests/test_monailabel.py (the same requests against a real MONAI Label server)"}
+ELSEWHERE = {"docs/monailabel.md": "tests/monailabel/test_monailabel.py (the same requests against a real MONAI Label server)"}
 
 
 def documented_commands() -> list[tuple[str, str]]:

@@ -21,11 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, Transform
 
 from monai_cft.constants import HU_WINDOW
 
 __all__ = ["HUWindow", "HUWindowd"]
+
+
+def _plain_unless_tracking(img: Any) -> Any:
+    """``img`` without its metadata when ``MetaTensor`` tracking is off, else unchanged."""
+    return img.as_tensor() if isinstance(img, MetaTensor) and not get_track_meta() else img
 
 
 class HUWindow(Transform):
@@ -34,8 +41,10 @@ class HUWindow(Transform):
     Args:
         window: ``(low, high)`` in HU, finite, ``low < high``.
 
-    Input: a tensor (``MetaTensor`` metadata kept), a numpy array or a number, any shape (e.g.
-    (C, H, W) or (B, 1, H, W)); output: the same type and shape, in [-1, 1] (forward) or HU (inverse).
+    Input: a tensor, a numpy array or a number, any shape (e.g. (C, H, W) or (B, 1, H, W)); output:
+    the same type and shape, in [-1, 1] (forward) or HU (inverse). A ``MetaTensor`` keeps its
+    metadata, or becomes a plain tensor under ``monai.data.set_track_meta(False)``, as in MONAI's
+    intensity transforms.
 
     Raises:
         ValueError: a window that is not two finite numbers with ``low < high`` (the message names it).
@@ -60,13 +69,14 @@ class HUWindow(Transform):
     def __call__(self, img: Any) -> Any:
         """HU -> [-1, 1] (values outside the window clipped to its ends)."""
         low, high = self.window
+        img = _plain_unless_tracking(img)
         clipped = img.clamp(low, high) if isinstance(img, torch.Tensor) else np.clip(img, low, high)
         return (clipped - low) / (high - low) * 2.0 - 1.0
 
     def inverse(self, img: Any) -> Any:
         """[-1, 1] -> HU (the inverse of :meth:`__call__` inside the window)."""
         low, high = self.window
-        return (img + 1.0) * 0.5 * (high - low) + low
+        return (_plain_unless_tracking(img) + 1.0) * 0.5 * (high - low) + low
 
 
 class HUWindowd(MapTransform):

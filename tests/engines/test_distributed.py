@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from monai_cft.utils.io import _is_number  # the CSV reader's own test of a number cell
-from test_bundle_training import make_scpr_dataset
+from helpers import make_scpr_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TINY = {"network_def#widths": [4, 8, 8, 8], "network_def#blocks_per_level": 1, "network_def#z_max_res": 24,

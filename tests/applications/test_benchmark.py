@@ -14,7 +14,7 @@ import torch
 
 from monai_cft.transforms.cpr import StraightenCPR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from monai_cft.networks.predictors import ParentRegressor, build_segmentor
 from monai_cft.utils.bundle import run_bundle
 from monai_cft.utils.checkpoint import load_checkpoint, save_checkpoint
 from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
-from test_bundle_training import make_scpr_dataset
+from helpers import make_scpr_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"
 COMMON, FINETUNE, INFERENCE = (str(CONFIGS / f) for f in ("common.json", "finetune.json", "inference.json"))
 VARIABLES = variable_names(DEFAULT_STRUCTURES, DEFAULT_REGIONS)

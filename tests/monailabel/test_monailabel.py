@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAS_MONAILABEL = importlib.util.find_spec("monailabel") is not None
 needs_server = pytest.mark.skipif(
     not HAS_MONAILABEL,

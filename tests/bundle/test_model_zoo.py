@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_bundle_training import make_scpr_dataset
+from helpers import make_scpr_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 TRAINING = ["train.json", "train_segmentor.json", "train_regressor.json", "finetune.json"]

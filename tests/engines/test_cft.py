@@ -378,7 +378,7 @@ def test_fine_tuning_learns_under_the_production_settings(world):
     import json
     from pathlib import Path
 
-    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundle" / "configs" / "finetune.json").read_text())
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "bundle" / "configs" / "finetune.json").read_text())
     seg = _train_tiny_segmentor(world["train"])
     scales = ranges_to_scales(RANGES, NAMES) / float(cfg["seg_guidance_weight"])
     loss = SegmentorGuidanceLoss(seg, {"band": 1}, region_masks(), cfg["seg_loss"], 1.0, scales, reduction="none")

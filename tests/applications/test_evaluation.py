@@ -345,7 +345,7 @@ def test_missing_inputs_are_skipped_with_a_warning(tmp_path, capsys):
 
 
 def test_bundle_passes_the_new_inputs():
-    cfg = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "evaluate.json").read_text())
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "bundle" / "configs" / "evaluate.json").read_text())
     assert cfg["evaluator"]["ground_truth_path"] == "@ground_truth_path"
     assert cfg["evaluator"]["measurements_path"] == "@measurements_path"
     assert "ground_truth" in cfg["ground_truth_path"] and "measurements.json" in cfg["measurements_path"]
