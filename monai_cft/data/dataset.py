@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from monai_cft.utils.io import DEFAULT_SPLITS, load_datalist, read_json
 from monai_cft.data.prepare import PREPARE_CONFIG
+from monai_cft.transforms.parents import range_bounds
 from monai_cft.variables import variable_names
 
 __all__ = ["load_prepare_config", "load_scpr_datalist"]
@@ -63,14 +63,10 @@ def load_prepare_config(scpr_dir: str | Path) -> dict[str, Any]:
         absent = [n for n in expected if n not in ranges]
         if absent:
             raise ValueError(f"{str(path)!r}: ranges lack the variable(s) {absent}.")
-        for name in expected:
-            rng = ranges[name]
-            ok = isinstance(rng, list) and len(rng) == 2
-            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rng)
-            if not ok or rng[0] > rng[1]:
-                raise ValueError(
-                    f"{str(path)!r}: range of {name!r} must be finite [min, max] with min <= max, got {rng!r}."
-                )
+        try:
+            range_bounds(ranges, expected, allow_constant=True)
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r}: {err}") from None
     return config
 
 

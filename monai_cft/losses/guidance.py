@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from monai_cft.transforms.measures import measure_structures
+from monai_cft.transforms.parents import range_bounds
 
 __all__ = [
     "freeze_module",
@@ -63,18 +64,11 @@ def ranges_to_scales(ranges: Mapping[str, Sequence[float]], names: Sequence[str]
         (V,) float32 tensor of positive scales.
 
     Raises:
-        ValueError: a name missing from ``ranges``, or a range that is not finite or has ``max <= min``.
+        ValueError: a name missing from ``ranges``, or a range that is not finite or has ``max <= min``
+            (:func:`monai_cft.transforms.parents.range_bounds`).
     """
-    missing = [n for n in names if n not in ranges]
-    if missing:
-        raise ValueError(f"no observed range for variable(s) {missing}; ranges are given for {sorted(ranges)}.")
-    scales = []
-    for n in names:
-        lo, hi = (float(v) for v in ranges[n])
-        if not (torch.isfinite(torch.tensor([lo, hi])).all() and hi > lo):
-            raise ValueError(f"observed range of {n!r} must be finite with max > min, got [{lo}, {hi}].")
-        scales.append(hi - lo)
-    return torch.tensor(scales, dtype=torch.float32)
+    lo, hi = range_bounds(ranges, names)
+    return torch.tensor((hi - lo).tolist(), dtype=torch.float32)
 
 
 def structure_total_scales(values: Any, num_structures: int) -> torch.Tensor:

@@ -15,13 +15,12 @@ towards the decoder mean (causal-gen's demonstration notebook uses 0.1), ``T = 0
 image ``loc(z, pa_cf)``.
 
 Parents are passed to the networks in normalised units: each variable mapped linearly from its
-observed [min, max] to [-1, 1] by :class:`ParentNormalizer`.
+observed [min, max] to [-1, 1] by :class:`~monai_cft.transforms.parents.ParentNormalizer`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,116 +31,10 @@ import torch.nn as nn
 from monai_cft.networks.flows import AttributeMechanisms
 from monai_cft.networks.hvae import HierarchicalVAE
 from monai_cft.networks.presets import build_hvae
+from monai_cft.transforms.parents import ParentNormalizer
 from monai_cft.utils.state_dict import state_dict_problems
 
-__all__ = ["ParentNormalizer", "DeepSCM", "build_dscm", "parent_regions"]
-
-
-class ParentNormalizer(nn.Module):
-    """Map physical variable values to [-1, 1] and back, per variable, over an observed range.
-
-    ``v_norm = 2 * (v - min) / (max - min) - 1``. The ranges are buffers, so they travel with the
-    module's ``state_dict`` and device.
-
-    Args:
-        ranges: ``{name: (min, max)}`` in physical units (mm^2 or mm^3), e.g. the training split's
-            range from ``prepare_config.json``; ``max > min`` is required.
-        names: variable order of the (B, V) tensors; every name needs a range.
-        tolerance: how far (as a fraction of the range) a value may lie outside [min, max] before
-            :meth:`normalize` complains.
-        allow_extrapolation: warn instead of raising on out-of-range values.
-    """
-
-    def __init__(
-        self,
-        ranges: Mapping[str, Sequence[float]],
-        names: Sequence[str],
-        tolerance: float = 0.05,
-        allow_extrapolation: bool = False,
-    ) -> None:
-        super().__init__()
-        names = list(names)
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"names must be a non-empty list of unique variable names, got {names}.")
-        missing = [n for n in names if n not in ranges]
-        if missing:
-            raise ValueError(f"no range given for variables {missing}; ranges has {sorted(ranges)}.")
-        lows, highs = [], []
-        for n in names:
-            rng = ranges[n]
-            if len(rng) != 2:
-                raise ValueError(f"range of {n!r} must be (min, max), got {rng!r}.")
-            lo, hi = float(rng[0]), float(rng[1])
-            if not (torch.isfinite(torch.tensor([lo, hi])).all() and hi > lo):
-                raise ValueError(
-                    f"range of {n!r} must be finite with max > min, got ({lo}, {hi}); a variable that never "
-                    "varies cannot be normalised or intervened on: widen its range or leave it out."
-                )
-            lows.append(lo)
-            highs.append(hi)
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
-        self.names = names
-        self.tolerance = float(tolerance)
-        self.allow_extrapolation = bool(allow_extrapolation)
-        self.register_buffer("low", torch.tensor(lows, dtype=torch.float32))
-        self.register_buffer("high", torch.tensor(highs, dtype=torch.float32))
-
-    @property
-    def ranges(self) -> dict[str, list[float]]:
-        """``{name: [min, max]}`` (physical units)."""
-        return {n: [float(lo), float(hi)] for n, lo, hi in zip(self.names, self.low.tolist(), self.high.tolist())}
-
-    def _check(self, values: torch.Tensor, normalized: bool, allow_extrapolation: bool | None) -> torch.Tensor:
-        if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values, dtype=torch.float32)
-        if values.shape[-1:] != (len(self.names),) or values.ndim not in (1, 2):
-            raise ValueError(
-                f"expected (V,) or (B, V) values with V={len(self.names)} variables {self.names}, "
-                f"got shape {tuple(values.shape)}."
-            )
-        if not values.is_floating_point():
-            values = values.float()
-        flat = values.reshape(-1, len(self.names))
-        if not torch.isfinite(flat).all():
-            b, k = (~torch.isfinite(flat)).nonzero()[0].tolist()
-            raise ValueError(f"value of {self.names[k]!r} (sample {b}) is {flat[b, k].item()}, not finite.")
-        allow = self.allow_extrapolation if allow_extrapolation is None else allow_extrapolation
-        low, high = (-torch.ones_like(self.low), torch.ones_like(self.high)) if normalized else (self.low, self.high)
-        margin = self.tolerance * (high - low)
-        outside = (flat < low - margin) | (flat > high + margin)
-        if bool(outside.any()):
-            b, k = outside.nonzero()[0].tolist()
-            unit = "normalised" if normalized else "physical"
-            msg = (
-                f"{self.names[k]!r} = {flat[b, k].item():.6g} (sample {b}) is outside its {unit} range "
-                f"[{low[k].item():.6g}, {high[k].item():.6g}] by more than {self.tolerance:.0%} of the range "
-                f"({int(outside.sum())} value(s) out of range in total)"
-            )
-            if not allow:
-                raise ValueError(msg + "; pass allow_extrapolation=True to accept it.")
-            warnings.warn(msg + "; extrapolating.", stacklevel=3)
-        return values
-
-    def normalize(self, values: torch.Tensor, allow_extrapolation: bool | None = None) -> torch.Tensor:
-        """Physical (V,) or (B, V) values -> [-1, 1] (same shape), validated (see class doc)."""
-        values = self._check(values, False, allow_extrapolation)
-        return 2.0 * (values - self.low) / (self.high - self.low) - 1.0
-
-    def denormalize(
-        self, values: torch.Tensor, allow_extrapolation: bool | None = None, validate: bool = True
-    ) -> torch.Tensor:
-        """Normalised (V,) or (B, V) values -> physical units (same shape).
-
-        ``validate=False`` skips the range / NaN checks (for values this module produced itself).
-        """
-        if validate:
-            values = self._check(values, True, allow_extrapolation)
-        return (values + 1.0) * 0.5 * (self.high - self.low) + self.low
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        """Alias of :meth:`normalize`."""
-        return self.normalize(values)
+__all__ = ["DeepSCM", "build_dscm", "parent_regions"]
 
 
 class DeepSCM(nn.Module):

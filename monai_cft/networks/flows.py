@@ -1,7 +1,7 @@
 """Invertible mechanisms of the scalar variables: one conditional normalising flow per variable.
 
 Every variable ``v_k`` (in normalised units, [-1, 1] over its observed range, see
-:class:`monai_cft.networks.dscm.ParentNormalizer`) has a mechanism ``v_k = f_k(u_k; pa_k)`` with
+:class:`monai_cft.transforms.parents.ParentNormalizer`) has a mechanism ``v_k = f_k(u_k; pa_k)`` with
 standard-normal exogenous noise ``u_k``. ``f_k`` is a zuko neural spline flow on one feature
 (``zuko.flows.NSF(features=1, context=len(pa_k))``): for a single feature zuko's autoregressive
 conditioner sees only the context, so each of its transforms is a monotonic rational-quadratic

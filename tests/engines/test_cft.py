@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from monai_cft.constants import check_cft_mode
 from monai_cft.engines.cft_trainer import CFTTrainer, ConstrainedELBO
 from monai_cft.losses import RegressorGuidanceLoss, SegmentorGuidanceLoss, ranges_to_scales
-from monai_cft.networks.dscm import DeepSCM, ParentNormalizer
+from monai_cft.networks.dscm import DeepSCM
+from monai_cft.transforms.parents import ParentNormalizer
 from monai_cft.networks.flows import AttributeMechanisms
 from monai_cft.networks.hvae import HierarchicalVAE
 

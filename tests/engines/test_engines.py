@@ -210,7 +210,8 @@ def test_normalize_parents_round_trip_and_errors():
 
 # ---------------------------------------------------------------- DSCM trainer / evaluator / handlers
 def _tiny_dscm(img_size=(8, 16)):
-    from monai_cft.networks.dscm import DeepSCM, ParentNormalizer
+    from monai_cft.networks.dscm import DeepSCM
+    from monai_cft.transforms.parents import ParentNormalizer
     from monai_cft.networks.flows import AttributeMechanisms
     from monai_cft.networks.hvae import HierarchicalVAE
 

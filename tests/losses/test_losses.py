@@ -78,7 +78,7 @@ def test_ranges_to_scales_order_and_errors():
     assert ranges_to_scales(ranges, ["b", "a"]).tolist() == [4.0, 2.0]
     with pytest.raises(ValueError, match="'c'"):
         ranges_to_scales(ranges, ["a", "c"])
-    with pytest.raises(ValueError, match="max > min"):
+    with pytest.raises(ValueError, match="min < max"):
         ranges_to_scales({"a": [3.0, 3.0]}, ["a"])
 
 
