@@ -24,7 +24,7 @@ import torch
 
 from monai_cft.metrics.response import gap_closure
 from monai_cft.metrics.summary import finite_median
-from monai_cft.utils.checkpoint import load_checkpoint
+from monai_cft.utils.checkpoint import load_model_weights
 
 __all__ = ["list_snapshots", "snapshot_curves", "save_curves_figure", "curves_section"]
 
@@ -67,8 +67,7 @@ def snapshot_curves(scm: Any, snapshots: Sequence[tuple[int, Path]], evaluate: C
     model = copy.deepcopy(scm).eval()
     iters, errs, slopes, gts = [], {}, {}, {}
     for it, path in snapshots:
-        payload = load_checkpoint(path, expect={"kind": "cft_snapshot", "cft_mode": mode})
-        model.hvae.load_state_dict(payload["model"])
+        load_model_weights(model.hvae, path, expect={"kind": "cft_snapshot", "cft_mode": mode})
         _, m = evaluate(model, images=images[:n], variables=variables[:n], ground_truth=gt, feature_fn=None,
                         composition_cycles=(1,), include_identity_rows=False, include_ground_truth_rows=False,
                         progress=False, mode=mode, **evaluate_kwargs)

@@ -4,24 +4,10 @@ See ``docs/metrics.md`` for the definitions, units and evaluation protocol.
 """
 
 from .composition import composition, image_l1, reversibility, to_pixel_range
-from .effectiveness import RegionalEffectivenessMetric, effectiveness_errors, mape, measure_with_segmentor
-from .interventions import (
-    Interventions,
-    counterfactual_per_sample,
-    counterfactual_targets,
-    run_counterfactual,
-    sample_interventions,
-    uniform_targets,
-)
+from .effectiveness import effectiveness_errors, measure_with_segmentor
+from .interventions import Interventions, counterfactual_per_sample, run_counterfactual, uniform_targets
 from .locality import locality
-from .realism import (
-    FeatureDistanceMetric,
-    FeatureExtractor,
-    extract_features,
-    frechet_distance,
-    gaussian_frechet_distance,
-    kernel_distance,
-)
+from .realism import FeatureExtractor, frechet_distance, gaussian_frechet_distance, kernel_distance
 from .calcium import CalciumThreshold, calcium_areas
 from .response import gap_closure, parent_sensitivity, response_slope
 from .segmentation import dice_per_structure
@@ -29,7 +15,6 @@ from .summary import summarize
 
 __all__ = [
     "Interventions",
-    "sample_interventions",
     "uniform_targets",
     "CalciumThreshold",
     "calcium_areas",
@@ -37,23 +22,18 @@ __all__ = [
     "response_slope",
     "parent_sensitivity",
     "gap_closure",
-    "counterfactual_targets",
     "run_counterfactual",
     "counterfactual_per_sample",
     "measure_with_segmentor",
     "effectiveness_errors",
-    "mape",
-    "RegionalEffectivenessMetric",
     "to_pixel_range",
     "image_l1",
     "composition",
     "reversibility",
     "locality",
     "FeatureExtractor",
-    "extract_features",
     "gaussian_frechet_distance",
     "frechet_distance",
     "kernel_distance",
-    "FeatureDistanceMetric",
     "summarize",
 ]

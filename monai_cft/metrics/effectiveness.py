@@ -14,22 +14,17 @@ parents, i.e. the factual values in an independent graph) whether the image stay
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.metrics import CumulativeIterationMetric
 from monai.networks.utils import eval_mode
 
 from monai_cft.metrics._utils import check_positive_int, module_device, plain
-from monai_cft.metrics.summary import summarize
 from monai_cft.transforms.measures import measure_structures
 from monai_cft.transforms.regions import region_windows
 
-__all__ = ["segmentor_probabilities", "measure_with_segmentor", "effectiveness_errors", "mape", "RegionalEffectivenessMetric"]
-
-_GUARDS = ("drop", "clamp")
+__all__ = ["segmentor_probabilities", "measure_with_segmentor", "effectiveness_errors"]
 
 
 def segmentor_probabilities(
@@ -176,171 +171,3 @@ def effectiveness_errors(measured: torch.Tensor, target: torch.Tensor) -> torch.
     return (measured - target.to(measured.dtype)).abs()
 
 
-def mape(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    eps: float = 1e-6,
-    guard: str = "drop",
-    dim: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean absolute percentage error ``100 * |t - p| / |t|`` with a guard for targets near zero.
-
-    A target with ``|t| < eps`` makes the ratio meaningless (a plaque-free region has area 0). Such
-    entries are either dropped from the mean (``guard="drop"``) or divided by ``eps`` instead of
-    ``|t|`` (``guard="clamp"``); either way they are counted and the count is returned so that it can be
-    reported next to the MAPE. Choose ``eps`` in the target's units, e.g. one pixel's area (0.0625
-    mm^2 for the ``paper`` sCPR preset).
-
-    Args:
-        pred: predictions, any shape, physical units.
-        target: targets, same shape and units.
-        eps: denominator floor (> 0) in target units.
-        guard: ``"drop"`` or ``"clamp"``.
-        dim: reduce over this dimension only (e.g. 0 for a per-variable MAPE of (N, V) inputs);
-            ``None`` averages everything.
-
-    Returns:
-        ``(mape, num_guarded)``: the MAPE in percent (NaN where every entry was dropped) and the
-        number of guarded entries, both reduced like ``dim``.
-    """
-    _check_pair(pred, target, ("pred", "target"))
-    if not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a positive finite floor, got {eps}.")
-    if guard not in _GUARDS:
-        raise ValueError(f"guard must be one of {_GUARDS}, got {guard!r}.")
-    t = target.to(torch.float64)
-    p = pred.to(torch.float64)
-    guarded = t.abs() < eps
-    ape = 100.0 * (t - p).abs() / t.abs().clamp_min(eps)
-    if dim is None:
-        ape, guarded = ape.flatten(), guarded.flatten()
-        dim = 0
-    if guard == "drop":
-        keep = ~guarded
-        value = torch.where(keep, ape, 0.0).sum(dim) / keep.sum(dim)
-    else:
-        value = ape.mean(dim)
-    return value, guarded.sum(dim)
-
-
-class RegionalEffectivenessMetric(CumulativeIterationMetric):
-    """Cumulative per-case, per-variable effectiveness errors, aggregated by intervened variable.
-
-    Every call adds a batch of absolute errors ``|measured - target|`` (B, V) and, optionally, the
-    intervened variable of every case; :meth:`aggregate` gives mean, std, confidence interval and n
-    of the error of every measured variable, for each intervened variable (the positional paper's
-    Table 1 is the block of one structure's regions).
-
-    Example::
-
-        metric = RegionalEffectivenessMetric(variables=variable_names(structures, regions))
-        for batch in loader:
-            measured = measure_with_segmentor(seg_eval, x_cf, regions, [1, 2, 3], 0.0625)
-            metric(measured, parents_cf, intervened=interventions.index)
-        stats = metric.aggregate()          # dict of (V, V) tensors: [intervened, measured]
-        table = metric.table()              # nested dict of floats for JSON reports
-
-    Args:
-        variables: names of the V variables (structure-major), used by :meth:`table`.
-        ci: confidence level of the interval.
-        ci_method: ``"normal"`` or ``"bootstrap"`` (see :func:`~monai_cft.metrics.summary.summarize`).
-        num_bootstrap: bootstrap resamples.
-        seed: seed of the bootstrap RNG (aggregation is deterministic).
-    """
-
-    def __init__(
-        self,
-        variables: Sequence[str] | None = None,
-        ci: float = 0.95,
-        ci_method: str = "normal",
-        num_bootstrap: int = 2000,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.variables = None if variables is None else tuple(variables)
-        self.ci = ci
-        self.ci_method = ci_method
-        self.num_bootstrap = num_bootstrap
-        self.seed = seed
-
-    def __call__(  # type: ignore[override]
-        self, y_pred: torch.Tensor, y: torch.Tensor | None = None, intervened: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Add one batch.
-
-        Args:
-            y_pred: (B, V) or (B, S, K) measured values (flattened structure-major to (B, V)).
-            y: target counterfactual parents, same number of elements per case.
-            intervened: (B,) int column of the intervened variable, or ``None`` (no intervention,
-                e.g. a null intervention; stored as -1).
-
-        Returns:
-            the (B, V) absolute errors of this batch.
-        """
-        if y is None:
-            raise ValueError("RegionalEffectivenessMetric needs the target parents y, got None.")
-        errors = self._compute_tensor(y_pred, y)
-        b, v = errors.shape
-        if self.variables is not None and v != len(self.variables):
-            raise ValueError(
-                f"got {v} variables per case but the metric was built for {len(self.variables)}: {self.variables}."
-            )
-        if intervened is None:
-            intervened = torch.full((b,), -1, dtype=torch.long)
-        intervened = torch.as_tensor(intervened).detach().long().cpu()
-        if intervened.shape != (b,):
-            raise ValueError(f"intervened must be (B,) = ({b},), got shape {tuple(intervened.shape)}.")
-        if b and (int(intervened.min()) < -1 or int(intervened.max()) >= v):
-            raise ValueError(f"intervened columns must lie in [-1, {v}), got {sorted(set(intervened.tolist()))}.")
-        self.extend(errors.cpu(), intervened)
-        return errors
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """(B, V) absolute errors of one batch-first batch."""
-        for t, n in ((y_pred, "y_pred"), (y, "y")):
-            if not isinstance(t, torch.Tensor) or t.ndim < 2:
-                got = getattr(t, "shape", type(t).__name__)
-                raise ValueError(f"{n} must be a (B, V) or (B, S, K) tensor, got {got}.")
-        return effectiveness_errors(y_pred.detach().flatten(1).float(), y.detach().flatten(1).float())
-
-    def aggregate(self, by_intervention: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """Summary statistics of the accumulated errors.
-
-        Args:
-            by_intervention: group the cases by intervened variable (``(V, V)`` outputs, row = intervened
-                variable, column = measured variable; rows without cases are NaN with n = 0);
-                ``False`` pools all cases (``(V,)`` outputs).
-
-        Returns:
-            dict of CPU float64 tensors ``mean``, ``std``, ``ci_low``, ``ci_high`` (mm^2 / mm^3) and
-            int64 ``n``.
-        """
-        buffers = self.get_buffer()
-        if buffers is None:
-            raise ValueError("RegionalEffectivenessMetric has no data to aggregate; call it on a batch first.")
-        errors, intervened = buffers
-        gen = torch.Generator().manual_seed(self.seed)
-        kw = {"ci": self.ci, "method": self.ci_method, "num_bootstrap": self.num_bootstrap, "generator": gen}
-        if not by_intervention:
-            return summarize(errors, **kw)
-        rows = [summarize(errors[intervened == j], **kw) for j in range(errors.shape[1])]
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-    def table(self) -> dict[str, dict[str, dict[str, float]]]:
-        """The by-intervention aggregate as ``{intervened: {measured: {mean, std, ci_low, ci_high, n}}}``.
-
-        Only intervened variables with at least one case are listed; names come from ``variables``
-        (or ``"v0"``, ``"v1"``, ... when none were given).
-        """
-        stats = self.aggregate(by_intervention=True)
-        v = stats["n"].shape[1]
-        names = self.variables or tuple(f"v{i}" for i in range(v))
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for i in range(v):
-            if int(stats["n"][i].max()) == 0:
-                continue
-            out[names[i]] = {
-                names[j]: {k: (int(t[i, j]) if k == "n" else float(t[i, j])) for k, t in stats.items()}
-                for j in range(v)
-            }
-        return out

@@ -1,12 +1,10 @@
 """Sampling interventions and running them through a deep SCM, one variable per sample.
 
 The evaluation protocol of the positional paper (and of Monteiro et al. 2023) intervenes on one
-variable per image: the variable is drawn uniformly from the model's variables and its target
-value uniformly from the variable's observed range ``[min, max]`` (training split). This module
-draws such interventions reproducibly (:func:`sample_interventions`), builds the counterfactual
-target parents of an independent causal graph (:func:`counterfactual_targets`) and runs a batch
-whose samples have different intervened variables through any model exposing the
-``DeepSCM.counterfactual`` API (:func:`counterfactual_per_sample`).
+variable per image, with a target drawn uniformly from the variable's observed range ``[min, max]``
+(training split). This module draws those targets reproducibly (:func:`uniform_targets`) and runs a
+batch whose samples have different intervened variables (:class:`Interventions`) through any model
+exposing the ``DeepSCM.counterfactual`` API (:func:`counterfactual_per_sample`).
 
 The SCM API relied upon (``docs/design.md``)::
 
@@ -25,13 +23,10 @@ from typing import Any, NamedTuple
 import torch
 from monai.networks.utils import eval_mode
 
-from monai_cft.metrics._utils import check_positive_int
 from monai_cft.transforms.parents import range_bounds
 
 __all__ = [
     "Interventions",
-    "sample_interventions",
-    "counterfactual_targets",
     "run_counterfactual",
     "counterfactual_per_sample",
     "uniform_targets",
@@ -63,76 +58,6 @@ class Interventions(NamedTuple):
     def select(self, samples: torch.Tensor | slice) -> Interventions:
         """The interventions of some samples (a slice, boolean mask or index tensor)."""
         return Interventions(self.index[samples], self.values[samples], self.variables)
-
-
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(generator)
-    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}.")
-
-
-def sample_interventions(
-    num: int,
-    variables: Sequence[str],
-    ranges: Mapping[str, Sequence[float]],
-    generator: torch.Generator | int | None = None,
-) -> Interventions:
-    """Draw ``num`` single-variable interventions following the evaluation protocol.
-
-    The intervened variable is uniform over ``variables``; its target is uniform in the variable's
-    observed ``[min, max]`` (``prepare_config.json["ranges"]``, training split).
-
-    Args:
-        num: number of interventions N (one per evaluated image).
-        variables: the V variable names, in the column order of the parents.
-        ranges: ``{name: (min, max)}`` in physical units for every name in ``variables``, finite with
-            min < max (validated by ``monai_cft.transforms.parents.range_bounds``).
-        generator: a CPU ``torch.Generator``, an int seed, or ``None`` for torch's global RNG.
-            The same seed gives the same interventions on every machine.
-
-    Returns:
-        :class:`Interventions` with (N,) ``index`` and (N,) ``values`` (default float dtype).
-    """
-    check_positive_int(num, "num", minimum=0)
-    variables = tuple(variables)
-    lo, hi = (torch.from_numpy(b) for b in range_bounds(ranges, variables))
-    gen = _as_generator(generator)
-    index = torch.randint(len(variables), (num,), generator=gen)
-    u = torch.rand(num, generator=gen, dtype=torch.float64)
-    values = (lo[index] + (hi - lo)[index] * u).to(torch.get_default_dtype())
-    return Interventions(index, values, variables)
-
-
-def counterfactual_targets(parents: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Counterfactual parents of an *independent* graph: the factual parents with one column replaced.
-
-    For a graph in which the intervened variable has children, use the ``parents_cf`` returned by
-    ``DeepSCM.counterfactual`` instead (children are recomputed from their abducted noise there).
-
-    Args:
-        parents: (B, V) factual parents, physical units.
-        index: (B,) column intervened in each row.
-        values: (B,) target values, physical units.
-
-    Returns:
-        (B, V) tensor, a copy of ``parents`` with ``out[b, index[b]] = values[b]``.
-    """
-    if parents.ndim != 2:
-        raise ValueError(f"parents must be (B, V), got shape {tuple(parents.shape)}.")
-    b, v = parents.shape
-    index = torch.as_tensor(index, device=parents.device).long()
-    values = torch.as_tensor(values, device=parents.device, dtype=parents.dtype)
-    if index.shape != (b,) or values.shape != (b,):
-        raise ValueError(
-            f"index and values must be (B,) = ({b},), got {tuple(index.shape)} and {tuple(values.shape)}."
-        )
-    if b and (int(index.min()) < 0 or int(index.max()) >= v):
-        raise ValueError(f"intervened columns must lie in [0, {v}), got {sorted(set(index.tolist()))}.")
-    out = parents.clone()
-    out[torch.arange(b, device=parents.device), index] = values
-    return out
 
 
 def run_counterfactual(
@@ -230,10 +155,8 @@ def uniform_targets(names: Sequence[str], ranges: Mapping[str, Sequence[float]],
     ``torch.Generator`` seeded by ``seed``, so the evaluation and the ground-truth counterfactuals
     (:mod:`monai_cft.data.ground_truth`) use the same targets for the same cases.
     """
-    missing = [nm for nm in names if nm not in ranges]
-    if missing:
-        raise ValueError(f"no [min, max] range for the variables {missing}; ranges has {sorted(ranges)}.")
+    low, high = range_bounds(ranges, names, allow_constant=True)  # validated; a constant variable gets its value
     gen = torch.Generator().manual_seed(int(seed))
-    lo = torch.tensor([float(ranges[nm][0]) for nm in names], dtype=torch.float32)
-    hi = torch.tensor([float(ranges[nm][1]) for nm in names], dtype=torch.float32)
+    lo = torch.tensor(low.tolist(), dtype=torch.float32)
+    hi = torch.tensor(high.tolist(), dtype=torch.float32)
     return lo + (hi - lo) * torch.rand(int(n), len(names), generator=gen)

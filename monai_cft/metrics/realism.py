@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+
 
 import torch
-from monai.metrics import CumulativeIterationMetric
 from monai.networks.utils import eval_mode
 
 from monai_cft.metrics._utils import check_positive_int, module_device, plain
 
 __all__ = [
     "FeatureExtractor",
-    "extract_features",
     "gaussian_frechet_distance",
     "frechet_distance",
     "kernel_distance",
-    "FeatureDistanceMetric",
 ]
 
 
@@ -90,34 +87,6 @@ class FeatureExtractor(torch.nn.Module):
             raise ValueError(f"layer {self.layer!r} gave {got} output; expected a (N, F, *spatial) tensor.")
         feats = feats.float()
         return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
-
-
-def extract_features(
-    feature_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 32
-) -> torch.Tensor:
-    """Run ``feature_fn`` over ``images`` in mini-batches without gradients.
-
-    Args:
-        feature_fn: ``(n, C, *spatial) -> (n, F)``, e.g. a :class:`FeatureExtractor` (an
-            ``nn.Module`` is put in eval mode for the call).
-        images: (N, C, *spatial) images.
-        batch_size: images per call.
-
-    Returns:
-        (N, F) float32 features on the CPU.
-    """
-    check_positive_int(batch_size, "batch_size")
-    out = []
-    with eval_mode(feature_fn):
-        for start in range(0, images.shape[0], batch_size):
-            f = feature_fn(images[start : start + batch_size])
-            if not isinstance(f, torch.Tensor) or f.ndim != 2:
-                got = getattr(f, "shape", type(f).__name__)
-                raise ValueError(f"feature_fn must return (n, F) features, got {got}.")
-            out.append(plain(f).detach().float().cpu())
-    if not out:
-        raise ValueError("extract_features needs at least one image, got an empty batch.")
-    return torch.cat(out)
 
 
 def _check_features(a: torch.Tensor, b: torch.Tensor, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,61 +223,3 @@ def kernel_distance(
     return est.mean(), std
 
 
-class FeatureDistanceMetric(CumulativeIterationMetric):
-    """Accumulates pre-extracted features of generated and real images; aggregates FD and KID.
-
-    ``metric(y_pred=features_of_counterfactuals (n, F), y=features_of_real_images (m, F))`` may be
-    called batch by batch (n and m may differ); :meth:`aggregate` returns ``{"frechet": FD,
-    "kid": KID mean, "kid_std": KID std over subsets, "n_pred": N, "n_real": M}``.
-
-    Args:
-        kid_subset_size: subset size for KID (capped at the smaller set's size); ``None`` uses all
-            samples once.
-        kid_num_subsets: number of KID subsets.
-        seed: seed of the subset draws (aggregation is deterministic).
-        kid_kwargs: polynomial kernel options of :func:`kernel_distance` (``degree``, ``gamma``, ``coef0``).
-    """
-
-    def __init__(
-        self, kid_subset_size: int | None = 1000, kid_num_subsets: int = 100, seed: int = 0, **kid_kwargs: Any
-    ) -> None:
-        super().__init__()
-        unknown = set(kid_kwargs) - {"degree", "gamma", "coef0"}
-        if unknown:
-            raise ValueError(f"unknown kernel options {sorted(unknown)}; expected degree, gamma or coef0.")
-        self.kid_subset_size = kid_subset_size
-        self.kid_num_subsets = kid_num_subsets
-        self.seed = seed
-        self.kid_kwargs = kid_kwargs
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> list[torch.Tensor]:
-        """Validate and pass the two (n, F) / (m, F) feature batches to the buffers."""
-        if y is None:
-            raise ValueError("FeatureDistanceMetric needs the real images' features y, got None.")
-        for t, n in ((y_pred, "y_pred"), (y, "y")):
-            if t.ndim != 2:
-                raise ValueError(f"{n} must be (n, F) pre-extracted features, got shape {tuple(t.shape)}.")
-        if y_pred.shape[1] != y.shape[1]:
-            raise ValueError(f"feature dimensions differ: y_pred {y_pred.shape[1]}, y {y.shape[1]}.")
-        return [y_pred.float().cpu(), y.float().cpu()]
-
-    def aggregate(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """FD and KID of all features accumulated so far (see the class docstring)."""
-        buffers = self.get_buffer()
-        if buffers is None:
-            raise ValueError("FeatureDistanceMetric has no features to aggregate; call it on a batch first.")
-        pred, real = buffers
-        subset = self.kid_subset_size
-        if subset is not None:
-            subset = min(subset, pred.shape[0], real.shape[0])
-        gen = torch.Generator().manual_seed(self.seed)
-        kid, kid_std = kernel_distance(
-            pred, real, subset_size=subset, num_subsets=self.kid_num_subsets, generator=gen, **self.kid_kwargs
-        )
-        return {
-            "frechet": frechet_distance(pred, real),
-            "kid": kid,
-            "kid_std": kid_std,
-            "n_pred": torch.tensor(pred.shape[0]),
-            "n_real": torch.tensor(real.shape[0]),
-        }

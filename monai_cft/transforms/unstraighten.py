@@ -34,7 +34,7 @@ from .cpr import SCPR_GRID_KEY
 from .scpr_checks import check_mode, image_and_affine
 from .scpr_sampling import sampling_threads
 
-__all__ = ["UnstraightenCPR", "UnstraightenCPRd", "UnstraightenCPRD", "UnstraightenCPRDict"]
+__all__ = ["UnstraightenCPR", "UnstraightenCPRd"]
 
 
 def _as_list(value: Any) -> tuple[list[Any], bool]:
@@ -244,4 +244,3 @@ class UnstraightenCPRd(MapTransform):
         return d
 
 
-UnstraightenCPRD = UnstraightenCPRDict = UnstraightenCPRd
