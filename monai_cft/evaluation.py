@@ -197,6 +197,7 @@ class CounterfactualEvaluation:
                         "dscm_checkpoint": str(self.dscm_checkpoint), "split": self.split,
                         "ground_truth_path": str(self.ground_truth_path) if ground_truth is not None else None,
                         "measurements_path": str(self.measurements_path) if threshold is not None else None,
+                        "figure": {"delta": self.figure_delta, "structure": "calcified"},
                         "seconds": time.time() - t0})
         self.out_dir.mkdir(parents=True, exist_ok=True)
         by_mode: dict[str, list[dict]] = {}

@@ -19,7 +19,7 @@ import torch
 from monai_cft.constants import HU_WINDOW
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.metrics.effectiveness import measure_with_segmentor
-from monai_cft.metrics.summary import summarize
+from monai_cft.metrics.summary import case_statistics
 from monai_cft.utils.distributed import all_reduce_sum_, global_batch, is_main_process, shard_rows, world_size
 
 __all__ = ["evaluate_counterfactuals", "segmentor_features"]
@@ -48,13 +48,6 @@ def _measure(segmentor: torch.nn.Module, images: torch.Tensor, region_masks: tor
     """(B, S*K) areas measured by ``segmentor`` on ``images`` (structure-major), on the CPU."""
     return measure_with_segmentor(segmentor, images, region_masks, channels, element_size,
                                   context=context).flatten(1).float().cpu()
-
-
-def _stats(values) -> dict:
-    """mean, std, 95 % CI half-width and n of a list of per-case values (NaNs ignored) as floats."""
-    st = summarize(torch.as_tensor(values, dtype=torch.float64).reshape(-1))
-    mean, low, high = float(st["mean"]), float(st["ci_low"]), float(st["ci_high"])
-    return {"mean": mean, "std": float(st["std"]), "ci95": (high - low) / 2.0, "n": int(st["n"])}
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -326,10 +319,11 @@ def evaluate_counterfactuals(
         "variables": list(names),
         "structures": struct_names,
         "regions": list(regions),
-        "factual_segmentor_error": {nm: _stats(fe[:, j].tolist()) for j, nm in enumerate(names)},
-        "composition": {str(cyc): _stats(vals) for cyc, vals in comp.items()},
-        "reversibility": _stats(rev),
-        "locality": _stats(local),
+        "area_unit": "mm²" if images.ndim == 4 else "mm³",
+        "factual_segmentor_error": {nm: case_statistics(fe[:, j].tolist()) for j, nm in enumerate(names)},
+        "composition": {str(cyc): case_statistics(vals) for cyc, vals in comp.items()},
+        "reversibility": case_statistics(rev),
+        "locality": case_statistics(local),
     }
     interv = {}
     for vi, nm in enumerate(names):
@@ -380,13 +374,13 @@ def evaluate_counterfactuals(
             seg_err["ground_truth"] = err_gt[:, :, cols]
 
         def per_region(errors: dict) -> dict:
-            return {nm: {regions[r]: {src: _stats(e[cases[:, vi], vi, r]) for src, e in errors.items()}
+            return {nm: {regions[r]: {src: case_statistics(e[cases[:, vi], vi, r]) for src, e in errors.items()}
                          for r in range(k)} for vi, nm in enumerate(names)}
 
         metrics["calcium_threshold"] = {
             "threshold_hu": thr,
             "cases": "hit" if gt is not None else "all",
-            "factual_error": {regions[r]: _stats((thr_f[:, r] - variables.float().cpu()[:, cols[r]]).abs())
+            "factual_error": {regions[r]: case_statistics((thr_f[:, r] - variables.float().cpu()[:, cols[r]]).abs())
                               for r in range(k)},
             "errors": per_region(thr_err),
             "segmentor_errors": per_region(seg_err),

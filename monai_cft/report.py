@@ -35,7 +35,7 @@ from monai_cft.cft_curves import curves_section
 from monai_cft.constants import MODE_LABELS
 
 from monai_cft.metrics.response import gap_closure
-from monai_cft.metrics.summary import finite_median
+from monai_cft.metrics.summary import case_statistics, finite_median
 
 __all__ = [
     "EFFECTIVENESS_COLUMNS",
@@ -65,6 +65,7 @@ EFFECTIVENESS_COLUMNS = (
 #: the baselines of Table 1, in ``<eval_root>/<name>/effectiveness.csv``: the first and the last row of a block.
 REFERENCE_LABELS = {"identity": "Identity (x unchanged)", "ground_truth": "Ground truth"}
 STRUCTURE_LABELS = {"noncalcified": "NCPA", "calcified": "CPA", "lumen": "LA"}
+_STRUCTURE_WORDS = {"noncalcified": "non-calcified plaque", "calcified": "calcified plaque", "lumen": "lumen"}
 
 
 def read_effectiveness(path: str | os.PathLike) -> list[dict]:
@@ -84,15 +85,6 @@ def read_effectiveness(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _stats(values: Sequence[float]) -> dict:
-    n = len(values)
-    if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "ci95": 1.96 * std / math.sqrt(n), "n": n}
-
-
 def summarise_effectiveness(rows: Sequence[dict]) -> dict:
     """Aggregate rows into ``{intervened: {measured_variable: stats}}`` (stats: mean, std, ci95, n)."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -100,7 +92,7 @@ def summarise_effectiveness(rows: Sequence[dict]) -> dict:
         groups[(r["intervened"], r["measured_variable"])].append(r["abs_error"])
     out: dict[str, dict] = defaultdict(dict)
     for (iv, mv), vals in groups.items():
-        out[iv][mv] = _stats(vals)
+        out[iv][mv] = case_statistics(vals)
     return dict(out)
 
 
@@ -119,10 +111,12 @@ def table1_markdown(
     structures: Sequence[str],
     regions: Sequence[str],
     modes: Sequence[str] | None = None,
+    unit: str = "mm²",
 ) -> str:
     """Render Table 1: for each do(structure-region), one row per mode, columns = regions.
 
-    Each cell holds the mean +- std of the absolute error (mm^2) of the intervened *structure*
+    Each cell holds the mean +- std of the absolute error (``unit``: mm² for 2D images, mm³ for 3D
+    volumes, as the evaluation's ``metrics.json`` records it) of the intervened *structure*
     measured in that region. The intervened region's cell is bold; the lowest mean among the
     CFT modes of a block is marked with a dagger. ``summaries`` maps mode -> output of
     :func:`summarise_effectiveness`; modes without results are left out. The baselines
@@ -162,7 +156,7 @@ def table1_markdown(
                 head = f"do({label}-{r_iv})" if i == 0 else ""
                 lines.append(f"| {head} | {_label(m)} | " + " | ".join(cells) + " |")
     note = (
-        "\nAbsolute error (mm², mean ± standard deviation over test cases; n = "
+        f"\nAbsolute error ({unit}, mean ± standard deviation over test cases; n = "
         + ", ".join(str(n) for n in n_cases)
         + ") between the counterfactual target and the value measured on the counterfactual by the "
         "evaluation segmentor, for the intervened structure in each region. **Bold**: the intervened "
@@ -202,10 +196,15 @@ def write_table1(eval_root: str | os.PathLike, modes: Sequence[str], structures:
                  regions: Sequence[str], path: str | os.PathLike | None = None) -> Path:
     """Write ``table1.md`` from the modes evaluated so far under ``eval_root``; return its path."""
     eval_root = Path(eval_root)
-    summaries, _ = _load_mode_results(eval_root, modes)
+    summaries, metrics = _load_mode_results(eval_root, modes)
     path = Path(path) if path is not None else eval_root / "table1.md"
-    _atomic_write_text(path, table1_markdown(summaries, structures, regions, modes))
+    _atomic_write_text(path, table1_markdown(summaries, structures, regions, modes, _area_unit(metrics)))
     return path
+
+
+def _area_unit(metrics: dict) -> str:
+    """The area / volume unit the evaluations recorded (mm² for 2D images, mm³ for 3D volumes)."""
+    return next((mm["area_unit"] for mm in metrics.values() if mm.get("area_unit")), "mm²")
 
 
 def _fmt(st: dict | float | None, digits: int = 2) -> str:
@@ -277,7 +276,7 @@ def _gap_closure_section(metrics: dict, modes: Sequence[str],
         rows.append(["**median**", *(f"**{_num(medians[m])}**" for m in cols)])
         parts.extend(_md_table(["Intervention", *(_label(m) for m in cols)], rows))
         parts.append("")
-    parts.append("err: mean absolute error (mm²) of the intervened variable measured by the evaluation segmentor, "
+    parts.append(f"err: mean absolute error ({_area_unit(metrics)}) of the intervened variable measured by the evaluation segmentor, "
                  "over the cases whose ground truth reached its target. 1: the mode scores like the true "
                  "counterfactual; 0: no better than the reference; n/a: the reference is already at the ground "
                  "truth's error (no gap).\n")
@@ -385,10 +384,10 @@ def _calcium_section(metrics: dict, modes: Sequence[str], structures: Sequence[s
     floor = first.get("factual_error")
     if floor:
         summary["factual_threshold_error"] = {r: floor[r]["mean"] for r in regions if r in floor}
-        parts.append("\nMeasurement floor of the threshold on the real test images (mm²): "
+        parts.append(f"\nMeasurement floor of the threshold on the real test images ({_area_unit(metrics)}): "
                      + ", ".join(f"{r} {_num(floor[r]['mean'])}" for r in regions if r in floor) + ".")
     hit = " Over the cases whose ground truth reached its target." if first.get("cases") == "hit" else ""
-    parts.append("\nAbsolute error (mm², mean over cases) of the calcified area in each region against the "
+    parts.append(f"\nAbsolute error ({_area_unit(metrics)}, mean over cases) of the calcified area in each region against the "
                  "counterfactual target: evaluation segmentor / pixels above the HU threshold. A counterfactual that "
                  "fools the segmentor (e.g. a brighter lumen) shows a low segmentor but a high threshold error. "
                  f"**Bold**: the intervened region.{hit}\n")
@@ -426,11 +425,11 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
     parts = ["# monai-cft report\n", f"Preset `{any_m.get('preset', '?')}`, test cases: {any_m.get('n_cases', '?')}, "
              f"evaluation seed {any_m.get('seed', '?')}, evaluation segmentor `{any_m.get('segmentor', '?')}`.\n"]
     parts.append("## Table 1: effectiveness of positional interventions\n")
-    parts.append(table1_markdown(summaries, structures, regions, modes))
+    parts.append(table1_markdown(summaries, structures, regions, modes, _area_unit(metrics)))
     fac = any_m.get("factual_segmentor_error")
     if fac:
         parts.append("\nMeasurement floor: the evaluation segmentor's absolute error on the *real* test images "
-                     "(mm², mean ± std): " + ", ".join(f"{k} {_fmt(v)}" for k, v in fac.items()) + ".\n")
+                     f"({_area_unit(metrics)}, mean ± std): " + ", ".join(f"{k} {_fmt(v)}" for k, v in fac.items()) + ".\n")
     ivs = _interventions(structures, regions)
     summary: dict = {"modes": [m for m in modes if m in metrics]}
     calcium_sec = _calcium_section(metrics, modes, structures, regions)
@@ -476,7 +475,10 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
     figs = [(m, eval_root / m / f"fig1_{m}.png") for m in modes]
     figs = [(m, p) for m, p in figs if p.exists()]
     if figs:
-        parts.append("## Figure 1: +20 mm² calcified plaque in each region\n")
+        fig = any_m.get("figure") or {}
+        structure = _STRUCTURE_WORDS.get(fig.get("structure", "calcified"), fig.get("structure", "calcified"))
+        what = f"{float(fig['delta']):+g} {_area_unit(metrics)} {structure}" if "delta" in fig else structure
+        parts.append(f"## Figure 1: {what} in each region\n")
         for m, p in figs:
             parts.append(f"**{MODE_LABELS.get(m, m)}**\n\n![{m}]({os.path.relpath(p, out)})\n")
     stage_dir = out / "stages"

@@ -56,6 +56,7 @@ from monai_cft.engines.common import (
     linear_warmup,
 )
 from monai_cft.engines.constraint import ConstrainedELBO
+from monai_cft.engines.guidance import check_guidance_for_mode
 from monai_cft.engines.resume import ExactResumeMixin
 from monai_cft.utils.checkpoint import load_torch_file, save_checkpoint
 from monai_cft.utils.distributed import (
@@ -284,10 +285,7 @@ class CFTTrainer(ExactResumeMixin, Trainer):
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_guidance(self, loss: nn.Module | None) -> nn.Module | None:
-        # the loss defines what the mode does; only "none" (no fine-tuning) must come without one
-        if (loss is None) != (self.mode == "none"):
-            need = "no guidance loss" if self.mode == "none" else "a guidance loss"
-            raise ValueError(f"cft_mode {self.mode!r} needs {need} (see monai_cft.engines.guidance.build_guidance_loss).")
+        check_guidance_for_mode(self.mode, loss)  # the loss defines what the mode does
         if loss is None:
             return None
         for attr in ("from_parents", "check_parents"):

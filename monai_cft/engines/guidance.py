@@ -38,7 +38,7 @@ from monai_cft.losses.guidance import (
 )
 from monai_cft.networks.loading import load_regressor, load_segmentor
 
-__all__ = ["GuidanceSpec", "GUIDANCE_BUILDERS", "build_guidance_loss"]
+__all__ = ["GuidanceSpec", "GUIDANCE_BUILDERS", "build_guidance_loss", "check_guidance_for_mode"]
 
 
 @dataclass
@@ -52,6 +52,8 @@ class GuidanceSpec:
         region_masks: (K, *spatial) region masks.
         element_size: pixel area (mm^2) / voxel volume (mm^3).
         segmentor_path, regressor_path: checkpoints of the frozen guidance networks.
+        segmentor_network, regressor_network: the networks themselves instead of their checkpoints
+            (e.g. benchmarks on randomly initialised networks); they are used as given (frozen by the loss).
         expect: checkpoint meta the guidance networks must match (e.g. preset and variables).
         train_variables: (N, V) training values, for Seg-CFT's whole-structure scales.
         seg_loss: ``"l1"`` / ``"l2"``; seg_guidance_weight: divides the segmentor loss's scales.
@@ -65,6 +67,8 @@ class GuidanceSpec:
     element_size: float = 1.0
     segmentor_path: str | os.PathLike | None = None
     regressor_path: str | os.PathLike | None = None
+    segmentor_network: nn.Module | None = None
+    regressor_network: nn.Module | None = None
     expect: Mapping[str, Any] = field(default_factory=dict)
     train_variables: Any = None
     seg_loss: str = "l1"
@@ -78,7 +82,14 @@ class GuidanceSpec:
         return path
 
     def segmentor(self) -> nn.Module:
+        if self.segmentor_network is not None:
+            return self.segmentor_network
         return load_segmentor(self._path("segmentor_path"), expect={"role": "guidance", **dict(self.expect)})
+
+    def regressor(self) -> nn.Module:
+        if self.regressor_network is not None:
+            return self.regressor_network
+        return load_regressor(self._path("regressor_path"), expect=dict(self.expect))
 
     def weighted(self, scales: torch.Tensor) -> torch.Tensor:
         w = float(self.seg_guidance_weight)
@@ -92,8 +103,7 @@ def _no_guidance(spec: GuidanceSpec) -> None:
 
 
 def _regressor_guidance(spec: GuidanceSpec) -> nn.Module:
-    regressor = load_regressor(spec._path("regressor_path"), expect=dict(spec.expect))
-    return RegressorGuidanceLoss(regressor, num_outputs=len(spec.variables), loss=spec.reg_loss, reduction="none")
+    return RegressorGuidanceLoss(spec.regressor(), num_outputs=len(spec.variables), loss=spec.reg_loss, reduction="none")
 
 
 def _global_segmentor_guidance(spec: GuidanceSpec) -> nn.Module:
@@ -129,3 +139,12 @@ def build_guidance_loss(mode: str, **spec: Any) -> nn.Module | None:
     Only the networks the mode needs are loaded (a Reg-CFT run needs no segmentor checkpoint).
     """
     return GUIDANCE_BUILDERS[check_cft_mode(mode)](GuidanceSpec(**spec))
+
+
+def check_guidance_for_mode(mode: str, loss: nn.Module | None) -> None:
+    """Raise a ``ValueError`` when ``loss`` is not what :func:`build_guidance_loss` gives ``mode``: a
+    loss for a mode that fine-tunes, ``None`` for one that does not (``none``, the No-CFT baseline)."""
+    fine_tunes = GUIDANCE_BUILDERS[check_cft_mode(mode)] is not _no_guidance
+    if (loss is None) == fine_tunes:
+        need = "a guidance loss" if fine_tunes else "no guidance loss"
+        raise ValueError(f"cft_mode {mode!r} needs {need} (see monai_cft.engines.guidance.build_guidance_loss).")

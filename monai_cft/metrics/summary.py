@@ -12,7 +12,7 @@ import torch
 
 from monai_cft.metrics._utils import check_positive_int
 
-__all__ = ["summarize", "finite_median"]
+__all__ = ["summarize", "case_statistics", "finite_median"]
 
 _CI_METHODS = ("normal", "bootstrap")
 
@@ -75,6 +75,19 @@ def summarize(
             low[c], high[c] = torch.quantile(col[idx].mean(1), q)
         low, high = low.reshape(x.shape[1:]), high.reshape(x.shape[1:])
     return {"mean": mean, "std": std, "ci_low": low, "ci_high": high, "n": n}
+
+
+def case_statistics(values) -> dict[str, float]:
+    """:func:`summarize` of a flat list of per-case values as plain floats for JSON and tables.
+
+    Returns:
+        ``{"mean", "std", "ci95", "n"}``: the mean, the sample standard deviation (ddof = 1), the
+        half-width of the normal 95 % interval of the mean and the number of non-NaN values; with
+        n = 0 every statistic is NaN, with n = 1 std and ci95 are NaN (a spread of one case is undefined).
+    """
+    st = summarize(torch.as_tensor(values, dtype=torch.float64).reshape(-1))
+    mean, low, high = float(st["mean"]), float(st["ci_low"]), float(st["ci_high"])
+    return {"mean": mean, "std": float(st["std"]), "ci95": (high - low) / 2.0, "n": int(st["n"])}
 
 
 def finite_median(values) -> float:

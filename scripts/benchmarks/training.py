@@ -20,31 +20,25 @@ from .harness import (
 
 
 def build_guidance_loss(mode: str, img_size: Sequence[int], spacing: float, variables: Any, tiny: bool = False):
-    """The CFT guidance loss of ``mode`` around a randomly initialised network, built as ``finetune.json`` does:
-    ``reg``: ``RegressorGuidanceLoss(ParentRegressor)``; ``seg`` / ``pos_seg``: ``SegmentorGuidanceLoss``
-    around the guidance UNet (``build_segmentor(arch="unet")``) without / with the three region masks."""
+    """The CFT guidance loss of ``mode`` from the package's factory
+    (:func:`monai_cft.engines.guidance.build_guidance_loss`, as ``finetune.json`` builds it), around
+    randomly initialised guidance networks (the bundle's UNet segmentor and parent regressor) instead
+    of trained checkpoints; ``tiny`` makes them small for the tests."""
     import torch
 
-    from monai_cft.losses import (RegressorGuidanceLoss, SegmentorGuidanceLoss, ranges_to_scales,
-                                  structure_total_scales)
+    from monai_cft.engines.guidance import build_guidance_loss as package_guidance_loss
     from monai_cft.networks.predictors import ParentRegressor, build_segmentor
     from monai_cft.transforms.regions import RegionMasks
     from monai_cft.variables import DEFAULT_STRUCTURES
 
     names, ranges = variables_and_ranges()
-    if mode == "reg":
-        kwargs = {"block_inplanes": (4, 8, 8, 8)} if tiny else {}
-        return RegressorGuidanceLoss(ParentRegressor(2, 1, len(names), **kwargs), len(names), reduction="none")
-    if mode not in ("seg", "pos_seg"):
-        raise ValueError(f"unknown CFT mode {mode!r}; expected 'reg', 'seg' or 'pos_seg'.")
+    regressor = ParentRegressor(2, 1, len(names), **({"block_inplanes": (4, 8, 8, 8)} if tiny else {}))
     segmentor = build_segmentor(2, "unet", 1, len(DEFAULT_STRUCTURES) + 1, channels=(4, 8, 16, 16) if tiny else None,
                                 img_size=tuple(img_size))
-    if mode == "seg":
-        masks, scales = None, structure_total_scales(variables, len(DEFAULT_STRUCTURES))
-    else:
-        masks = torch.as_tensor(RegionMasks()(torch.zeros(1, *img_size)))
-        scales = ranges_to_scales(ranges, names)
-    return SegmentorGuidanceLoss(segmentor, DEFAULT_STRUCTURES, masks, "l1", spacing**2, scales, reduction="none")
+    return package_guidance_loss(
+        mode, structures=DEFAULT_STRUCTURES, variables=names, ranges=ranges,
+        region_masks=torch.as_tensor(RegionMasks()(torch.zeros(1, *img_size))), element_size=spacing**2,
+        train_variables=variables, segmentor_network=segmentor, regressor_network=regressor)
 
 
 def _train_run(kind: str, preset: str, batch: int, device: str, threads: int | None, warmup: int, iters: int,
