@@ -22,7 +22,6 @@ is the bundle entry point (``evaluate.json``) that loads checkpoints and data an
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import torch
 
 from monai_cft.cft_curves import list_snapshots, snapshot_curves
 from monai_cft.data.evaluation_data import load_ground_truth, load_split_tensors
-from monai_cft.utils.io import atomic_path
+from monai_cft.utils.io import save_csv, save_text
 from monai_cft.constants import CFT_MODES, HU_WINDOW
 from monai_cft.evaluation_core import evaluate_counterfactuals, segmentor_features
 from monai_cft.report import EFFECTIVENESS_COLUMNS, write_table1
@@ -48,18 +47,10 @@ __all__ = [
 ]
 
 
-def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    # atomic_path's temporary name is unique per call: the evaluations of several modes may write
-    # the shared baseline files at once
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=EFFECTIVENESS_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2))
+def _write_effectiveness(path: Path, rows: list[dict]) -> None:
+    # atomic, with a temporary name unique per call: the evaluations of several modes may write the
+    # shared baseline files at once
+    save_csv(EFFECTIVENESS_COLUMNS, [[r.get(c) for c in EFFECTIVENESS_COLUMNS] for r in rows], path)
 
 
 class CounterfactualEvaluation:
@@ -155,7 +146,7 @@ class CounterfactualEvaluation:
 
     def run(self) -> dict:
         """Evaluate and write the outputs; return the metrics dict."""
-        from monai_cft.inference import load_segmentor
+        from monai_cft.networks.loading import load_segmentor
         from monai_cft.networks.dscm import DeepSCM
         from monai_cft.utils.checkpoint import load_checkpoint
 
@@ -203,12 +194,12 @@ class CounterfactualEvaluation:
         by_mode: dict[str, list[dict]] = {}
         for r in rows:
             by_mode.setdefault(r["mode"], []).append(r)
-        _write_csv_atomic(self.out_dir / "effectiveness.csv", by_mode.get(self.cft_mode, []))
+        _write_effectiveness(self.out_dir / "effectiveness.csv", by_mode.get(self.cft_mode, []))
         # the baselines do not depend on the model (same targets, same segmentor): shared by all modes
         for ref in ("identity", "ground_truth"):
             if ref in by_mode:
-                _write_csv_atomic(self.out_dir.parent / ref / "effectiveness.csv", by_mode[ref])
-        _write_json_atomic(self.out_dir / "metrics.json", metrics)
+                _write_effectiveness(self.out_dir.parent / ref / "effectiveness.csv", by_mode[ref])
+        save_text(json.dumps(metrics, indent=2), self.out_dir / "metrics.json")  # NaN kept: "not defined"
         self._figure(scm, seg, data, cfg, context)
         write_table1(self.out_dir.parent, CFT_MODES, list(structures), cfg["regions"],
                      self.out_dir / "table1.md")

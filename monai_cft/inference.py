@@ -1,26 +1,25 @@
-"""Counterfactual inference: one call from an image and an intervention to a counterfactual image.
+"""Counterfactual inference: one call from an sCPR image and an intervention to a counterfactual image.
 
-:class:`CounterfactualPipeline` takes a case, either
-
-* a prepared sCPR image (HU, (H, W) or (1, H, W), a NIfTI path or a tensor) with its variables, or
-* a 3D CCTA volume (HU, a NIfTI path or a ``MetaTensor`` with its affine) plus the vessel centreline
-  (world mm, RAS, ostium first), straightened on the fly with
-  :class:`~monai_cft.transforms.cpr.StraightenCPR` at the model's spacing and size,
-
-and an intervention such as ``{"calcified_mid": "+20"}`` (relative: a string starting with ``+`` or
-``-``, in mm^2) or ``{"lumen_distal": 3.5}`` (absolute, mm^2). Factual variables not given are
-measured on the image by the guidance segmentor. It returns the counterfactual in HU (the network's
-[-1, 1] scaling undone) with the input's geometry, the difference map, the intended counterfactual
-variables and the ones the segmentor measures on the counterfactual; :meth:`CounterfactualPipeline.save`
-writes them as NIfTI, JSON and a PNG panel.
+:class:`CounterfactualPipeline` takes a model-sized sCPR image in HU (a tensor or a ``MetaTensor``
+with its affine, e.g. from :func:`monai_cft.inference_cases.load_case`, which also straightens a 3D
+CCTA volume along its centreline) and an intervention such as ``{"calcified_mid": "+20"}``
+(relative: a string starting with ``+`` or ``-``, in mm^2) or ``{"lumen_distal": 3.5}`` (absolute,
+mm^2). Factual variables not given are measured on the image by the guidance segmentor. It returns
+a :class:`CounterfactualResult`: the counterfactual in HU (the network's [-1, 1] scaling undone) with
+the input's geometry, the difference map, the intended counterfactual variables and the ones the
+segmentor measures on the counterfactual. It reads and writes no files and prints nothing:
+:func:`monai_cft.inference_output.save_result` writes a result as NIfTI, JSON and a PNG panel.
 
 Python::
 
     from monai_cft.inference import CounterfactualPipeline
+    from monai_cft.inference_cases import load_case
+    from monai_cft.inference_output import save_result
 
     pipe = CounterfactualPipeline.from_bundle("bundle", mode="pos_seg")
-    result = pipe("case_0001.nii.gz", variables=None, intervention={"calcified_mid": "+20"})
-    pipe.save(result, "out", name="case_0001")
+    case = load_case("case_0001.nii.gz", **pipe.geometry)
+    result = pipe(case.image, variables=None, intervention={"calcified_mid": "+20"})
+    save_result(result, "out", name="case_0001")
 
 Bundle::
 
@@ -35,7 +34,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,16 +44,10 @@ from torch import nn
 from monai_cft.constants import HU_WINDOW, check_cft_mode
 from monai_cft.engines.common import as_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
-from monai_cft.networks.loading import load_regressor, load_segmentor
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.utils.checks import check_count
 
-__all__ = [
-    "parse_intervention",
-    "load_segmentor",
-    "load_regressor",
-    "CounterfactualPipeline",
-]
+__all__ = ["parse_intervention", "CounterfactualResult", "CounterfactualPipeline"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,18 +124,43 @@ def _as_plain(x: Any) -> torch.Tensor:
     return torch.as_tensor(as_plain_tensor(x))
 
 
-def _affine4(affine: Any, spatial_dims: int) -> torch.Tensor:
-    """A (4, 4) float64 affine; (d+1, d+1) affines of 2D images are embedded with unit z spacing."""
-    aff = torch.as_tensor(np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine), dtype=torch.float64)
-    if aff.shape == (4, 4):
-        return aff
-    d = aff.shape[0] - 1
-    if aff.shape != (d + 1, d + 1) or d < 1:
-        raise ValueError(f"affine must be square (d + 1, d + 1), got shape {tuple(aff.shape)}.")
-    out = torch.eye(4, dtype=torch.float64)
-    out[:d, :d] = aff[:d, :d]
-    out[:d, 3] = aff[:d, d]
-    return out
+@dataclass
+class CounterfactualResult:
+    """The counterfactual of one case (:meth:`CounterfactualPipeline.__call__`).
+
+    Images are (1, *spatial) CPU tensors in HU, ``MetaTensor`` with the input's affine and meta when
+    the input was one; variables are dicts by name in the model's order, physical units (mm^2 for
+    2D models, mm^3 for 3D ones).
+
+    Attributes:
+        image: the factual sCPR, clipped to the HU window (what the networks saw).
+        counterfactual: the counterfactual, HU.
+        difference: ``counterfactual - image``, HU.
+        region_masks: (K, *spatial) region masks.
+        variables: the factual variables (given, or measured by the guidance segmentor).
+        measured_factual: the guidance segmentor's measurement of the factual image.
+        intervention: the absolute target of every intervened variable.
+        intended: the counterfactual parents (targets, and the other variables as the SCM keeps them).
+        measured: the guidance segmentor's measurement of the counterfactual.
+        mode: the CFT mode of the DSCM (``None`` if not given).
+        spacing: pixel size of the images (mm).
+        hu_window: the HU window mapped to the networks' [-1, 1].
+        uncertainty: with ``num_particles > 1``, the per-pixel standard deviation over the particles (HU).
+    """
+
+    image: torch.Tensor
+    counterfactual: torch.Tensor
+    difference: torch.Tensor
+    region_masks: torch.Tensor
+    variables: dict[str, float]
+    measured_factual: dict[str, float]
+    intervention: dict[str, float]
+    intended: dict[str, float]
+    measured: dict[str, float]
+    mode: str | None
+    spacing: float
+    hu_window: tuple[float, float]
+    uncertainty: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,84 +252,29 @@ class CounterfactualPipeline:
             overrides: config values to override, e.g. ``ckpt_dir="outputs/models"``,
                 ``preset="quick"``, ``device="cpu"``.
         """
-        from monai.bundle import ConfigParser
+        from monai_cft.utils.bundle import load_bundle_component
 
-        from monai_cft.utils.bundle import find_bundle_root
+        return load_bundle_component("pipeline", config_files, bundle_dir, expected_type=cls,
+                                     cft_mode=check_cft_mode(mode), **overrides)
 
-        check_cft_mode(mode)
-        root = Path(bundle_dir if bundle_dir is not None else find_bundle_root()).resolve()
-        files = [str(root / "configs" / f) for f in config_files]
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"bundle config file(s) {missing} do not exist.")
-        parser = ConfigParser()
-        parser.read_config(files)
-        parser["bundle_root"] = str(root)
-        parser["cft_mode"] = mode
-        for key, value in overrides.items():
-            if key == "device" and isinstance(value, (str, torch.device)):
-                value = f"$torch.device('{value}')"
-            parser[key] = value
-        pipe = parser.get_parsed_content("pipeline")
-        if not isinstance(pipe, cls):
-            raise TypeError(f"the bundle's 'pipeline' is a {type(pipe).__name__}, expected {cls.__name__}.")
-        return pipe
+    @property
+    def geometry(self) -> dict[str, Any]:
+        """``{"img_size", "spacing"}`` of the model's images: the keywords of
+        :func:`monai_cft.inference_cases.load_case`."""
+        return {"img_size": self.img_size, "spacing": self.spacing}
 
     # ------------------------------------------------------------------ inputs
-    def load_case(self, image: Any, centerline: Any | None = None) -> torch.Tensor:
-        """The model-sized sCPR image (1, *img_size) in HU, as a ``MetaTensor`` with its affine.
-
-        See :meth:`_load` (which also returns the 3D volume a centreline was given for).
-        """
-        return self._load(image, centerline)[0]
-
-    def _load(self, image: Any, centerline: Any | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(sCPR, volume)``: the model-sized sCPR image (1, *img_size) in HU as a ``MetaTensor``, and the
-        (1, X, Y, Z) volume it was straightened from (``None`` for an sCPR input).
-
-        Args:
-            image: a NIfTI path, or an array / tensor / ``MetaTensor``: a (1, *img_size) or
-                (*img_size) sCPR image, or (with ``centerline``) a (1, X, Y, Z) / (X, Y, Z) volume.
-            centerline: (N, 3) world-mm points or a centreline file (``.csv``, ``.npy``, ``.json``,
-                ``.fcsv``); when given the volume is straightened at the model's spacing and size.
-        """
+    def _check_image(self, image: Any) -> torch.Tensor:
         from monai.data import MetaTensor
-        from monai.transforms import LoadImage
 
-        volume = None
-        if isinstance(image, (str, os.PathLike)):
-            if not Path(image).is_file():
-                raise FileNotFoundError(f"image file {str(image)!r} does not exist.")
-            img = LoadImage(image_only=True, ensure_channel_first=True)(str(image))
-        elif isinstance(image, (torch.Tensor, np.ndarray)):
-            img = image if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
-        else:
-            raise TypeError(f"image must be a file path, a numpy array or a tensor, got {type(image).__name__}.")
-        if centerline is not None:
-            from monai_cft.transforms.cpr import StraightenCPR
-
-            if img.ndim == 3:
-                img = img.unsqueeze(0)
-            if img.ndim != 4:
-                raise ValueError(
-                    f"with a centreline the image must be a 3D volume (X, Y, Z), got shape {tuple(img.shape)}."
-                )
-            if isinstance(centerline, (str, os.PathLike)):
-                from monai_cft.utils.io import load_centerline
-
-                centerline = load_centerline(centerline)
-            cpr = StraightenCPR(
-                output_size=(self.img_size[0], self.img_size[-1]),
-                spacing=self.spacing,
-                out_dims=self.spatial_dims,
-                record_grid=True,  # the grid writes a counterfactual back into the volume (save(write_volume=True))
-            )
-            volume = img
-            img = cpr(img.float(), centerline)
+        if not isinstance(image, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"image must be a tensor or an array of the sCPR in HU (load files with "
+                            f"monai_cft.inference_cases.load_case), got {type(image).__name__}.")
+        img = image if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
         if img.ndim == self.spatial_dims:
             img = img.unsqueeze(0)
         if tuple(img.shape) != (1, *self.img_size):
-            hint = " (a 3D volume needs a centreline)" if img.ndim == self.spatial_dims + 2 or img.ndim == 4 else ""
+            hint = " (a 3D volume needs a centreline: load_case(volume, centerline))" if img.ndim == 4 else ""
             raise ValueError(
                 f"the image must be a (1, {', '.join(map(str, self.img_size))}) sCPR of the model's size{hint}, "
                 f"got shape {tuple(img.shape)}."
@@ -321,7 +284,7 @@ class CounterfactualPipeline:
         if not finite.all():
             bad = int((~finite).sum())
             raise ValueError(f"the image contains {bad} NaN or infinite value(s) of {finite.numel()}.")
-        return img, (volume if centerline is not None else None)
+        return img
 
     @torch.no_grad()
     def measure(self, x_unit: torch.Tensor, region_masks: torch.Tensor) -> torch.Tensor:
@@ -365,34 +328,24 @@ class CounterfactualPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        image: Any,
+        image: torch.Tensor,
         variables: Mapping[str, float] | Sequence[float] | None,
         intervention: Mapping[str, Any] | str,
-        centerline: Any | None = None,
         allow_extrapolation: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> CounterfactualResult:
         """Generate the counterfactual of one case.
 
         Args:
-            image: the case (see :meth:`load_case`), HU.
+            image: (1, *img_size) or (*img_size) sCPR in HU: a tensor, an array, or a ``MetaTensor``
+                whose affine and meta the outputs keep (:func:`monai_cft.inference_cases.load_case`).
             variables: factual variables (dict by name or a sequence in the model's order, physical
                 units), or ``None`` to measure them with the segmentor.
             intervention: see :func:`parse_intervention`.
-            centerline: optional centreline of a 3D volume.
             allow_extrapolation: accept targets (and factual values) outside the observed ranges
                 with a warning (default: the pipeline's setting).
-
-        Returns:
-            dict with ``image`` (factual sCPR, HU, clipped to the window, ``MetaTensor`` with the
-            sCPR affine), ``counterfactual`` (HU, same geometry), ``difference`` (counterfactual -
-            factual, HU), ``region_masks`` (K, *spatial), and dicts by variable name (physical
-            units): ``variables`` (factual), ``measured_factual`` (segmentor on the factual image),
-            ``intervention`` (absolute targets), ``intended`` (counterfactual parents), ``measured``
-            (segmentor on the counterfactual); plus ``mode`` and, with ``num_particles > 1``,
-            ``uncertainty`` (HU).
         """
         allow = self.allow_extrapolation if allow_extrapolation is None else bool(allow_extrapolation)
-        img, volume = self._load(image, centerline)
+        img = self._check_image(image)
         raw = _as_plain(img).to(self.device)
         x = self.intensity(raw)[None]  # (1, 1, *spatial)
         masks = _as_plain(self.region_transform(img)).float().to(self.device)
@@ -414,23 +367,22 @@ class CounterfactualPipeline:
         x_cf = out["x_cf"]
         factual_hu = self.intensity.inverse(x[0])
         cf_hu = self.intensity.inverse(x_cf[0])
-        result = {
-            "image": self._like(img, factual_hu),
-            "counterfactual": self._like(img, cf_hu),
-            "difference": self._like(img, cf_hu - factual_hu),
-            "region_masks": masks.cpu(),
-            "variables": as_dict(factual),
-            "measured_factual": as_dict(measured_factual),
-            "intervention": targets,
-            "intended": as_dict(out["parents_cf"][0]),
-            "measured": as_dict(self.measure(x_cf, masks)[0]),
-            "mode": self.mode,
-        }
-        if volume is not None:  # a 3D CCTA with its centreline: kept to write the counterfactual back into it
-            result["volume"] = volume
-        if "uncertainty" in out:
-            result["uncertainty"] = self._like(img, out["uncertainty"][0] * self.intensity.hu_per_unit)
-        return result
+        uncertainty = out.get("uncertainty")
+        return CounterfactualResult(
+            image=self._like(img, factual_hu),
+            counterfactual=self._like(img, cf_hu),
+            difference=self._like(img, cf_hu - factual_hu),
+            region_masks=masks.cpu(),
+            variables=as_dict(factual),
+            measured_factual=as_dict(measured_factual),
+            intervention=targets,
+            intended=as_dict(out["parents_cf"][0]),
+            measured=as_dict(self.measure(x_cf, masks)[0]),
+            mode=self.mode,
+            spacing=self.spacing,
+            hu_window=self.hu_window,
+            uncertainty=None if uncertainty is None else self._like(img, uncertainty[0] * self.intensity.hu_per_unit),
+        )
 
     @staticmethod
     def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -441,86 +393,3 @@ class CounterfactualPipeline:
             meta = {k: v for k, v in ref.meta.items() if k != "affine"}
             return MetaTensor(data, affine=ref.affine, meta=meta)
         return data
-
-    # ------------------------------------------------------------------ outputs
-    def save(self, result: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "case",
-             write_volume: bool = False) -> dict[str, str]:
-        """Write a result of :meth:`__call__` to ``output_dir`` (atomically).
-
-        Files: ``<name>_cf.nii.gz`` (counterfactual, HU, float32, the sCPR affine),
-        ``<name>_diff.nii.gz`` (counterfactual - factual, HU), ``<name>_panel.png`` (factual,
-        counterfactual, difference, region boundaries dashed, intended and measured values in the
-        title) and ``<name>_values.json`` (every variable: factual, intended, measured). With
-        ``write_volume`` (the input was a 3D CCTA with a centreline) also
-        ``<name>_cf_volume.nii.gz``: the volume with the counterfactual's change written back along
-        the sampling grid (:class:`~monai_cft.transforms.UnstraightenCPR`, trilinear splatting),
-        float32 HU with the volume's own affine, so it opens over the original scan in 3D Slicer.
-
-        Returns:
-            ``{"counterfactual", "difference", "panel", "values"[, "volume"]}`` -> written path.
-
-        Raises:
-            ValueError: ``write_volume`` for a result whose input was an sCPR (no volume to write into).
-        """
-        if write_volume and result.get("volume") is None:
-            raise ValueError("write_volume needs a result of a 3D CCTA volume given with its centreline; this one "
-                             "came from an sCPR image.")
-        from monai_cft.utils.io import check_file_name, save_json, save_nifti
-        from monai_cft.visualize import plot_counterfactual_panel, region_boundaries
-
-        check_file_name(name, "save name", f"{type(self).__name__}.save")
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        cf, diff = result["counterfactual"], result["difference"]
-        affine = _affine4(cf.affine if hasattr(cf, "affine") else torch.eye(self.spatial_dims + 1), self.spatial_dims)
-        paths = {
-            "counterfactual": save_nifti(_as_plain(cf)[0].numpy(), affine, out / f"{name}_cf.nii.gz", np.float32),
-            "difference": save_nifti(_as_plain(diff)[0].numpy(), affine, out / f"{name}_diff.nii.gz", np.float32),
-        }
-        paths["panel"] = plot_counterfactual_panel(
-            _as_plain(result["image"]),
-            _as_plain(cf),
-            out / f"{name}_panel.png",
-            difference=_as_plain(diff),
-            boundaries=region_boundaries(result["region_masks"]),
-            title=self.describe(result),
-            window=self.hu_window,
-            spacing=self.spacing,
-        )
-        values = {
-            "mode": result.get("mode"),
-            "intervention": result["intervention"],
-            "variables": {
-                k: {
-                    "factual": result["variables"][k],
-                    "measured_factual": result["measured_factual"][k],
-                    "intended": result["intended"][k],
-                    "measured": result["measured"][k],
-                }
-                for k in self.variables
-            },
-        }
-        paths["values"] = save_json(values, out / f"{name}_values.json")
-        if write_volume:
-            from monai_cft.transforms.unstraighten import UnstraightenCPR
-
-            vol = result["volume"]
-            cf_vol = UnstraightenCPR(mode="bilinear")(vol.float(), result["counterfactual"], result["image"])
-            paths["volume"] = save_nifti(_as_plain(cf_vol)[0].numpy(), _affine4(vol.affine, 3),
-                                         out / f"{name}_cf_volume.nii.gz", np.float32)
-        return {k: str(v) for k, v in paths.items()}
-
-    @staticmethod
-    def describe(result: Mapping[str, Any]) -> str:
-        """Two-line title: the intervention with its intended and measured values, then the other regions."""
-        parts, others = [], []
-        for k, target in result["intervention"].items():
-            parts.append(
-                f"do({k} = {target:.1f} mm², factual {result['variables'][k]:.1f}): "
-                f"measured on counterfactual {result['measured'][k]:.1f}"
-            )
-        for k in result["intended"]:
-            if k not in result["intervention"]:
-                others.append(f"{k} {result['intended'][k]:.1f}/{result['measured'][k]:.1f}")
-        mode = f"[{result.get('mode')}] " if result.get("mode") else ""
-        return mode + "; ".join(parts) + "\nintended/measured: " + ", ".join(others)

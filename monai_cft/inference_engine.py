@@ -22,6 +22,8 @@ import torch
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 
+from monai_cft.inference_cases import load_case
+from monai_cft.inference_output import save_result
 from monai_cft.utils.io import check_file_name, read_json
 
 __all__ = ["inference_items", "CounterfactualInferer", "CounterfactualInferenceEngine"]
@@ -81,13 +83,16 @@ def inference_items(image: Any = "", intervention: Any = None, variables: Any = 
 class CounterfactualInferer(Inferer):
     """Apply a :class:`~monai_cft.inference.CounterfactualPipeline` to one case.
 
-    ``inferer(case, pipeline)`` with ``case`` a dict of :func:`inference_items` returns the
-    pipeline's result dict (counterfactual, difference, intended and measured values, in HU and mm²).
+    ``inferer(case, pipeline)`` with ``case`` a dict of :func:`inference_items` loads the case at the
+    pipeline's geometry (:func:`~monai_cft.inference_cases.load_case`: an sCPR, or a 3D volume
+    straightened along its centreline) and returns ``(result, volume)``: the pipeline's
+    :class:`~monai_cft.inference.CounterfactualResult` and the volume the sCPR came from (``None`` for
+    an sCPR case).
     """
 
-    def __call__(self, inputs: Mapping[str, Any], network: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return network(inputs["image"], inputs.get("variables"), inputs["intervention"],
-                       centerline=inputs.get("centerline"), **kwargs)
+    def __call__(self, inputs: Mapping[str, Any], network: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        case = load_case(inputs["image"], inputs.get("centerline"), **network.geometry)
+        return network(case.image, inputs.get("variables"), inputs["intervention"], **kwargs), case.volume
 
 
 class CounterfactualInferenceEngine(Evaluator):
@@ -118,12 +123,15 @@ class CounterfactualInferenceEngine(Evaluator):
         self.saved: list[dict[str, str]] = []
 
     def _iteration(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[override]
-        result = self.inferer(batchdata, self.network)
-        paths = self.network.save(result, self.output_dir, batchdata["name"], write_volume=self.write_volume)
+        result, volume = self.inferer(batchdata, self.network)
+        if self.write_volume and volume is None:
+            raise ValueError(f"write_volume needs a 3D CCTA volume given with its centreline; case "
+                             f"{batchdata['name']!r} is an sCPR image.")
+        paths = save_result(result, self.output_dir, batchdata["name"], volume=volume if self.write_volume else None)
         self.saved.append(paths)
         if self.verbose:
-            for k in result["intervention"]:
-                print(f"{batchdata['name']}: do({k} = {result['intervention'][k]:.2f}) -> measured "
-                      f"{result['measured'][k]:.2f} (factual {result['variables'][k]:.2f}); files: "
+            for k in result.intervention:
+                print(f"{batchdata['name']}: do({k} = {result.intervention[k]:.2f}) -> measured "
+                      f"{result.measured[k]:.2f} (factual {result.variables[k]:.2f}); files: "
                       f"{', '.join(paths.values())}", flush=True)
         return {"name": batchdata["name"], "paths": paths}

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from monai_cft.constants import CFT_MODES
 from monai_cft.utils.cli import count_arg, number_arg, run_cli
+from monai_cft.utils.io import save_text
 
 __all__ = ["Stage", "build_stages", "run_pipeline", "main"]
 
@@ -369,14 +370,11 @@ def _last_line(path: Path) -> str:
 
 def _finish(out: Path, stage: Stage, seconds: float, upstream: dict[str, str] | None = None) -> None:
     marker = _stage_marker(out, stage.name)
-    tmp = marker.with_suffix(".tmp")
     # the completion id makes every marker unique, so a dependant's fingerprint of it changes with
     # each completion even when two runs finish within the same second with the same duration
-    tmp.write_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
-                               "upstream": dict(upstream or {}),
-                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "completion": uuid.uuid4().hex}, indent=2))
-    os.replace(tmp, marker)
+    save_text(json.dumps({"stage": stage.name, "seconds": seconds, "command": stage.command,
+                          "upstream": dict(upstream or {}), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                          "completion": uuid.uuid4().hex}, indent=2), marker)
     _forced_marker(out, stage.name).unlink(missing_ok=True)
 
 

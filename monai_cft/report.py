@@ -35,6 +35,7 @@ from monai_cft.cft_curves import curves_section
 from monai_cft.constants import MODE_LABELS
 
 from monai_cft.metrics.response import gap_closure
+from monai_cft.utils.io import save_text
 from monai_cft.metrics.summary import case_statistics, finite_median
 
 __all__ = [
@@ -184,21 +185,13 @@ def _load_mode_results(eval_root: Path, modes: Sequence[str]) -> tuple[dict, dic
     return summaries, metrics
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # a per-process temporary name: the evaluations of several modes may rewrite table1.md at once
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_table1(eval_root: str | os.PathLike, modes: Sequence[str], structures: Sequence[str],
                  regions: Sequence[str], path: str | os.PathLike | None = None) -> Path:
     """Write ``table1.md`` from the modes evaluated so far under ``eval_root``; return its path."""
     eval_root = Path(eval_root)
     summaries, metrics = _load_mode_results(eval_root, modes)
     path = Path(path) if path is not None else eval_root / "table1.md"
-    _atomic_write_text(path, table1_markdown(summaries, structures, regions, modes, _area_unit(metrics)))
+    save_text(table1_markdown(summaries, structures, regions, modes, _area_unit(metrics)), path)
     return path
 
 
@@ -491,7 +484,7 @@ def write_report(output_dir: str | os.PathLike, modes: Sequence[str]) -> Path:
             parts.append(f"| {st['stage']} | {st.get('seconds', 0.0):.1f} |")
         parts.append(f"| **total** | {total:.1f} |\n")
     path = out / "report.md"
-    _atomic_write_text(path, "\n".join(parts) + "\n")
+    save_text("\n".join(parts) + "\n", path)
     write_table1(eval_root, modes, structures, regions, out / "table1.md")
-    _atomic_write_text(out / "summary.json", json.dumps(_json_clean(summary), indent=2) + "\n")
+    save_text(json.dumps(_json_clean(summary), indent=2) + "\n", out / "summary.json")
     return path

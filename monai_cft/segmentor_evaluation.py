@@ -95,7 +95,7 @@ def evaluate_segmentor(segmentor: torch.nn.Module, data: dict[str, Any], batch_s
 
 def _parent_sensitivity(dscm_path: Path, segmentor_path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Parent sensitivity of the pretrained DSCM (before any CFT) under the evaluation segmentor."""
-    from monai_cft.inference import load_segmentor
+    from monai_cft.networks.loading import load_segmentor
     from monai_cft.metrics.response import parent_sensitivity
     from monai_cft.networks.dscm import DeepSCM
 
@@ -128,7 +128,7 @@ def evaluate_measurements(dataset_dir: str | Path, ckpt_dir: str | Path, out: st
     With ``raw_dir`` (a synthetic raw folder with ``params/``) the phantoms' rendered HU per class
     (:func:`monai_cft.data.fidelity.rendered_hu`) is measured too.
     """
-    from monai_cft.inference import load_segmentor
+    from monai_cft.networks.loading import load_segmentor
 
     t0 = time.time()
     test = load_split_arrays(dataset_dir, split)

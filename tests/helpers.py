@@ -13,7 +13,24 @@ from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_na
 
 #: the repository root (tests/ is one level below it).
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
+COMMON = str(CONFIGS / "common.json")
 VARIABLES = variable_names(DEFAULT_STRUCTURES, DEFAULT_REGIONS)
+
+
+def model_meta(prep: dict, **extra) -> dict:
+    """Checkpoint meta of a quick-preset 2D model trained on the prepared dataset ``prep`` (its config)."""
+    base = {
+        "preset": "quick",
+        "variables": VARIABLES,
+        "ranges": prep["ranges"],
+        "structures": dict(DEFAULT_STRUCTURES),
+        "regions": list(DEFAULT_REGIONS),
+        "spatial_dims": 2,
+        "img_size": [32, 192],
+        "in_channels": 1,
+    }
+    return {**base, **extra}
 
 
 def _case(rng: np.random.Generator, h: int = 32, w: int = 192) -> tuple[np.ndarray, np.ndarray]:

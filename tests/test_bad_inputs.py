@@ -249,7 +249,10 @@ def _api_call(pipe, tiny_models, image=None, variables=None, intervention=None, 
         var.update(variables)
     elif variables is not None:
         var = variables
-    return pipe(img, var, {"calcified_mid": 12.0} if intervention is None else intervention, centerline=centerline)
+    from monai_cft.inference_cases import load_case
+
+    case = load_case(img, centerline, **pipe.geometry)  # what a user does: load, then run
+    return pipe(case.image, var, {"calcified_mid": 12.0} if intervention is None else intervention)
 
 
 @pytest.mark.parametrize("kwargs,exc,text", API_CASES)
@@ -261,7 +264,7 @@ def test_inference_api_bad_inputs(pipe, tiny_models, kwargs, exc, text):
 def test_inference_api_valid_neighbours(pipe, tiny_models):
     for intervention in ({"calcified_mid": 12.0}, {"calcified_mid": "+2"}, '{"calcified_mid": "-1"}'):
         res = _api_call(pipe, tiny_models, intervention=intervention)
-        assert torch.isfinite(res["counterfactual"]).all()
+        assert torch.isfinite(res.counterfactual).all()
 
 
 CONSTRUCTOR_CASES = [

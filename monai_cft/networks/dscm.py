@@ -224,6 +224,7 @@ class DeepSCM(nn.Module):
             "ranges": self.normalizer.ranges,
             "graph": self.mechanisms.graph,
             "hvae_config": dict(self.hvae.config),
+            "hvae_overrides": list(getattr(self.hvae, "preset_overrides", [])),
             "flow_config": dict(self.mechanisms.config),
         }
 
@@ -274,7 +275,7 @@ class DeepSCM(nn.Module):
             raise ValueError(f"checkpoint is from HVAE preset {preset!r}, expected preset {expected_preset!r}.")
         flow_cfg = dict(meta.get("flow_config", {"variables": meta["variables"], "graph": meta.get("graph")}))
         model = cls(
-            HierarchicalVAE.from_config({k: v for k, v in meta["hvae_config"].items() if k != "overrides"}),
+            HierarchicalVAE.from_config(meta["hvae_config"]),
             AttributeMechanisms(**flow_cfg),
             ParentNormalizer(meta["ranges"], meta["variables"]),
         )

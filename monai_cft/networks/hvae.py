@@ -351,8 +351,9 @@ class HierarchicalVAE(nn.Module):
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> HierarchicalVAE:
-        """Build a network from :attr:`config` (e.g. a checkpoint's ``meta["hvae_config"]``); provenance
-        (``"overrides"`` of :func:`~monai_cft.networks.presets.build_hvae`) is skipped, other unknown keys raise."""
+        """Build a network from :attr:`config` (e.g. a checkpoint's ``meta["hvae_config"]``); the
+        ``"overrides"`` key that checkpoints of earlier versions carried there (provenance, now
+        ``meta["hvae_overrides"]``) is skipped, other unknown keys raise."""
         params = inspect.signature(cls).parameters
         args = {k: v for k, v in dict(config).items() if k not in _PROVENANCE_KEYS}
         if sorted(set(args) - set(params)):

@@ -70,8 +70,9 @@ def build_hvae(
         num_parents: number of parent variables.
         in_channels: image channels.
         overrides: any :class:`HierarchicalVAE` argument replacing the preset's value (the network's
-            ``config["preset"]`` then still names the preset it started from, and the changed keys
-            are listed in ``config["overrides"]``).
+            ``config["preset"]`` then still names the preset it started from; the changed keys are
+            provenance, not constructor arguments: they are listed in ``net.preset_overrides`` and
+            the DSCM checkpoint's ``meta["hvae_overrides"]``).
 
     Raises:
         ValueError: unknown preset or unknown override names.
@@ -91,8 +92,7 @@ def build_hvae(
         preset=preset,
         **kwargs,
     )
-    if overrides:
-        net.config["overrides"] = sorted(overrides)
+    net.preset_overrides = sorted(overrides)
     # a mismatching checkpoint's error then names the preset it matches (hvae imports nothing from here)
     net.preset_matcher = match_preset
     return net

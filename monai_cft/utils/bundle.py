@@ -7,6 +7,8 @@
   would otherwise silently *add* a new, unused key and train with the default. The configs call
   ``check_overrides()`` first in their ``"initialize"`` list.
 - :func:`run_bundle`: ``monai.bundle.run`` for Python callers, with the same override check.
+- :func:`load_bundle_component`: one parsed component of the bundle's configs (e.g. the inference
+  ``pipeline``), with overrides, for Python callers.
 - :func:`select`: pick a named entry of a config table with a clear error (e.g. the segmentor role).
 - :func:`check_prepare_config`: the prepared dataset matches the bundle's ``preset``.
 """
@@ -40,6 +42,7 @@ __all__ = [
     "check_override_values",
     "check_number_overrides",
     "run_bundle",
+    "load_bundle_component",
     "select",
     "check_prepare_config",
 ]
@@ -395,6 +398,49 @@ def run_bundle(
     if logging_file is not None:
         kwargs["logging_file"] = logging_file
     run(run_id=run_id, config_file=config_file, **kwargs, **override)
+
+
+def load_bundle_component(
+    component: str,
+    config_files: Sequence[str],
+    bundle_dir: str | os.PathLike | None = None,
+    expected_type: type | None = None,
+    **overrides: Any,
+) -> Any:
+    """Parse the bundle's ``config_files`` and return the component ``component`` (its config id).
+
+    Args:
+        component: the config id to instantiate, e.g. ``"pipeline"`` of ``inference.json``.
+        config_files: file names under ``<bundle_dir>/configs`` (later ones override earlier ones).
+        bundle_dir: the bundle folder (default: :func:`find_bundle_root`); ``bundle_root`` is set to it.
+        expected_type: raise a ``TypeError`` when the component is not an instance of it.
+        overrides: config values to set before parsing (``device="cpu"`` becomes ``torch.device``),
+            checked like command-line overrides (:func:`validate_overrides`).
+
+    Raises:
+        FileNotFoundError: a config file that does not exist (named).
+        ValueError: an override that names no config entry (with the closest ones).
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_dir if bundle_dir is not None else find_bundle_root()).resolve()
+    files = [str(root / "configs" / f) for f in config_files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config file(s) {missing} do not exist.")
+    parser = ConfigParser()
+    parser.read_config(files)
+    validate_overrides(parser.get(), overrides.keys())
+    parser["bundle_root"] = str(root)
+    for key, value in overrides.items():
+        if key == "device" and isinstance(value, (str, torch.device)):
+            value = f"$torch.device('{value}')"
+        parser[key] = value
+    out = parser.get_parsed_content(component)
+    if expected_type is not None and not isinstance(out, expected_type):
+        raise TypeError(f"the bundle's {component!r} is a {type(out).__name__}, expected {expected_type.__name__}.")
+    return out
 
 
 def select(table: Mapping[str, Any], key: str, what: str = "option") -> Any:

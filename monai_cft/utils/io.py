@@ -28,6 +28,7 @@ __all__ = [
     "read_json",
     "atomic_path",
     "save_nifti",
+    "save_text",
     "save_json",
     "save_csv",
     "load_centerline",
@@ -186,6 +187,13 @@ def read_json(path: PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}.") from None
+
+
+def save_text(text: str, path: PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`); return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def save_json(obj: Any, path: PathLike, indent: int | None = 2) -> Path:

@@ -371,7 +371,7 @@ def test_ground_truth_equal_to_the_factual_image_closes_no_gap(single_thread):
 def test_run_writes_the_baselines(tmp_path, monkeypatch, single_thread):
     """CounterfactualEvaluation.run with stand-ins for the checkpoints and the dataset."""
     import monai_cft.evaluation as ev_mod
-    import monai_cft.inference
+    import monai_cft.networks.loading
     import monai_cft.utils.checkpoint
     from monai_cft.metrics import uniform_targets
     from monai_cft.networks.dscm import DeepSCM
@@ -387,7 +387,7 @@ def test_run_writes_the_baselines(tmp_path, monkeypatch, single_thread):
             "ids": ids, "config": config}
     monkeypatch.setattr(monai_cft.utils.checkpoint, "load_checkpoint", lambda *a, **k: {"meta": {"preset": "quick"}})
     monkeypatch.setattr(DeepSCM, "from_checkpoint", staticmethod(lambda ckpt: IdentitySCM()))
-    monkeypatch.setattr(monai_cft.inference, "load_segmentor", lambda *a, **k: (BrightSegmentor(), {"arch": "stub"}))
+    monkeypatch.setattr(monai_cft.networks.loading, "load_segmentor", lambda *a, **k: (BrightSegmentor(), {"arch": "stub"}))
     monkeypatch.setattr(ev_mod, "load_split_tensors", lambda *a, **k: data)
     monkeypatch.setattr(ev_mod.CounterfactualEvaluation, "_figure", lambda *a: None)
     gt_path = tmp_path / "gt.npz"

@@ -18,34 +18,23 @@ import torch
 from monai.data import MetaTensor
 
 from monai_cft.data.presets import HU_WINDOW
-from monai_cft.inference import CounterfactualPipeline, load_segmentor, parse_intervention
+from monai_cft.inference import CounterfactualPipeline, CounterfactualResult, parse_intervention
+from monai_cft.inference_cases import load_case
+from monai_cft.inference_output import describe_result, save_result
+from monai_cft.networks.loading import load_segmentor
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.networks.dscm import build_dscm
 from monai_cft.networks.predictors import ParentRegressor, build_segmentor
 from monai_cft.utils.bundle import run_bundle
 from monai_cft.utils.checkpoint import load_checkpoint, save_checkpoint
 from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
-from helpers import make_scpr_dataset
+from helpers import make_scpr_dataset, model_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"
 COMMON, FINETUNE, INFERENCE = (str(CONFIGS / f) for f in ("common.json", "finetune.json", "inference.json"))
 VARIABLES = variable_names(DEFAULT_STRUCTURES, DEFAULT_REGIONS)
 SPACING = 0.5
-
-
-def _meta(prep: dict, **extra) -> dict:
-    base = {
-        "preset": "quick",
-        "variables": VARIABLES,
-        "ranges": prep["ranges"],
-        "structures": dict(DEFAULT_STRUCTURES),
-        "regions": list(DEFAULT_REGIONS),
-        "spatial_dims": 2,
-        "img_size": [32, 192],
-        "in_channels": 1,
-    }
-    return {**base, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +51,11 @@ def env(tmp_path_factory):
         flow_kwargs={"hidden": (8,), "transforms": 1, "bins": 4},
     )
     models = root / "models"
-    save_checkpoint(models / "dscm.pt", dscm, _meta(prep, **dscm.checkpoint_meta(), kind="dscm", cft_mode="none",
+    save_checkpoint(models / "dscm.pt", dscm, model_meta(prep, **dscm.checkpoint_meta(), kind="dscm", cft_mode="none",
                                                       hu_window=list(HU_WINDOW)))
     save_checkpoint(models / "segmentor_guidance.pt", build_segmentor(2, "unet", 1, 4),
-                    _meta(prep, kind="segmentor", role="guidance", arch="unet", out_channels=4))
-    save_checkpoint(models / "regressor.pt", ParentRegressor(2, 1, 9), _meta(prep, kind="regressor", num_outputs=9))
+                    model_meta(prep, kind="segmentor", role="guidance", arch="unet", out_channels=4))
+    save_checkpoint(models / "regressor.pt", ParentRegressor(2, 1, 9), model_meta(prep, kind="regressor", num_outputs=9))
     yield {"root": root, "scpr": scpr, "prep": prep, "models": models, "dscm": dscm}
     torch.set_num_threads(threads)
 
@@ -168,11 +157,11 @@ def _scpr_case(env) -> tuple[MetaTensor, dict]:
 def test_null_intervention_reproduces_the_image_and_keeps_geometry(pipe, env):
     img, variables = _scpr_case(env)
     res = pipe(img, variables, {"calcified_mid": variables["calcified_mid"]})
-    assert res["intended"] == pytest.approx(variables, abs=1e-3)
-    assert torch.allclose(res["counterfactual"], res["image"], atol=0.5)  # exact abduction, HU
-    assert torch.equal(res["counterfactual"].affine, img.affine)
-    assert torch.allclose(res["image"], img.clamp(*HU_WINDOW).float(), atol=1e-3)
-    assert set(res["measured"]) == set(VARIABLES) and all(math.isfinite(v) for v in res["measured"].values())
+    assert res.intended == pytest.approx(variables, abs=1e-3)
+    assert torch.allclose(res.counterfactual, res.image, atol=0.5)  # exact abduction, HU
+    assert torch.equal(res.counterfactual.affine, img.affine)
+    assert torch.allclose(res.image, img.clamp(*HU_WINDOW).float(), atol=1e-3)
+    assert set(res.measured) == set(VARIABLES) and all(math.isfinite(v) for v in res.measured.values())
 
 
 def test_relative_intervention_and_saved_files(pipe, env, tmp_path):
@@ -181,25 +170,26 @@ def test_relative_intervention_and_saved_files(pipe, env, tmp_path):
     delta = round((hi - lo) / 4, 3)
     start = lo + (hi - lo) / 8
     res = pipe(img, dict(variables, lumen_mid=start), {"lumen_mid": f"+{delta}"})
-    assert res["intervention"]["lumen_mid"] == pytest.approx(start + delta)
-    assert res["intended"]["lumen_mid"] == pytest.approx(start + delta, rel=1e-5)
+    assert res.intervention["lumen_mid"] == pytest.approx(start + delta)
+    assert res.intended["lumen_mid"] == pytest.approx(start + delta, rel=1e-5)
     others = [k for k in VARIABLES if k != "lumen_mid"]
-    assert all(res["intended"][k] == pytest.approx(variables[k], abs=1e-3) for k in others)  # independent graph
-    assert torch.allclose(res["difference"], res["counterfactual"] - res["image"])
-    cf = res["counterfactual"]
+    assert all(res.intended[k] == pytest.approx(variables[k], abs=1e-3) for k in others)  # independent graph
+    assert torch.allclose(res.difference, res.counterfactual - res.image)
+    cf = res.counterfactual
     assert cf.min() >= HU_WINDOW[0] - 1e-3 and cf.max() <= HU_WINDOW[1] + 1e-3
 
-    paths = pipe.save(res, tmp_path, name="case_x")
+    assert isinstance(res, CounterfactualResult)
+    paths = save_result(res, tmp_path, name="case_x")
     nii = nib.load(paths["counterfactual"])
     assert np.allclose(nii.affine, img.affine.numpy()) and nii.shape == (32, 192)
     assert np.allclose(nii.get_fdata(), cf[0].numpy(), atol=1e-3)
-    assert np.allclose(nib.load(paths["difference"]).get_fdata(), res["difference"][0].numpy(), atol=1e-3)
+    assert np.allclose(nib.load(paths["difference"]).get_fdata(), res.difference[0].numpy(), atol=1e-3)
     png = Path(paths["panel"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     values = json.loads(Path(paths["values"]).read_text())
     assert values["variables"]["lumen_mid"]["intended"] == pytest.approx(start + delta, rel=1e-5)
-    assert values["variables"]["lumen_mid"]["measured"] == pytest.approx(res["measured"]["lumen_mid"])
-    assert "do(lumen_mid" in pipe.describe(res)
+    assert values["variables"]["lumen_mid"]["measured"] == pytest.approx(res.measured["lumen_mid"])
+    assert "do(lumen_mid" in describe_result(res) and "mm²" in describe_result(res)
 
 
 def test_volume_with_centerline_is_straightened_and_measured(pipe):
@@ -208,17 +198,17 @@ def test_volume_with_centerline_is_straightened_and_measured(pipe):
     affine = torch.diag(torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64))
     img = MetaTensor(vol, affine=affine)
     centerline = np.stack([np.full(60, 9.75), np.full(60, 9.75), np.linspace(2.0, 110.0, 60)], 1)
-    case = pipe.load_case(img, centerline)
-    assert tuple(case.shape) == (1, 32, 192)
-    assert torch.allclose(case.affine, torch.diag(torch.tensor([SPACING] * 3 + [1.0], dtype=torch.float64)))
+    case = load_case(img, centerline, **pipe.geometry)
+    assert tuple(case.image.shape) == (1, 32, 192) and case.volume is img
+    assert torch.allclose(case.image.affine, torch.diag(torch.tensor([SPACING] * 3 + [1.0], dtype=torch.float64)))
     # an untrained segmentor measures values outside the observed ranges: the factual values themselves
     # (beyond the 5 % tolerance) or, within it, the intervention's target; either error names the value
     with pytest.raises(ValueError, match="measured by the guidance segmentor|outside its observed range"):
-        pipe(img, None, {"lumen_distal": "+0.0"}, centerline=centerline)
+        pipe(case.image, None, {"lumen_distal": "+0.0"})
     with pytest.warns(UserWarning, match="extrapolat"):
-        res = pipe(img, None, {"lumen_distal": "+0.0"}, centerline=centerline, allow_extrapolation=True)
-    assert res["variables"] == res["measured_factual"]  # measured by the guidance segmentor
-    assert res["counterfactual"].shape == (1, 32, 192)
+        res = pipe(case.image, None, {"lumen_distal": "+0.0"}, allow_extrapolation=True)
+    assert res.variables == res.measured_factual  # measured by the guidance segmentor
+    assert res.counterfactual.shape == (1, 32, 192)
 
 
 def test_bad_inputs_give_clear_errors(pipe, env, tmp_path):
@@ -231,6 +221,8 @@ def test_bad_inputs_give_clear_errors(pipe, env, tmp_path):
         pipe(img, dict(variables, lumen_mid=float("inf")), {"lumen_distal": "+1"})
     with pytest.raises(ValueError, match="needs a centreline"):
         pipe(torch.zeros(1, 20, 20, 20), variables, {"lumen_mid": "+1"})
+    with pytest.raises(TypeError, match="load_case"):
+        pipe(str(env["scpr"] / "images" / "case_0000.nii.gz"), variables, {"lumen_mid": "+1"})
     with pytest.raises(ValueError, match="outside its observed range"):
         pipe(img, variables, {"lumen_mid": 1e6})
     shutil.copy(env["models"] / "dscm_cft_pos_seg.pt", tmp_path / "dscm_cft_seg.pt")
@@ -287,7 +279,7 @@ def test_evaluate_bundle_writes_every_output(env, finetuned, tmp_path):
     import csv
 
     save_checkpoint(env["models"] / "segmentor_eval.pt", build_segmentor(2, "segresnet", 1, 4),
-                    _meta(env["prep"], kind="segmentor", role="eval", arch="segresnet", out_channels=4))
+                    model_meta(env["prep"], kind="segmentor", role="eval", arch="segresnet", out_channels=4))
     evaluate = str(CONFIGS / "evaluate.json")
     with pytest.raises(Exception) as err:  # the tiny training split's ranges do not cover the test case
         run_bundle("evaluating", [COMMON, evaluate], logging_file=False, cft_mode="pos_seg", **_overrides(env, tmp_path))

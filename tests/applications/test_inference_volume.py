@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
+from monai_cft.inference_cases import load_case
+from monai_cft.inference_output import save_result
 from monai_cft.variables import DEFAULT_REGIONS, DEFAULT_STRUCTURES, variable_names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,29 +42,30 @@ def _case():
 def test_counterfactual_volume_has_the_input_geometry_and_only_the_sampled_voxels_change(pipe, tmp_path):
     vol, line = _case()
     variables = {v: 10.0 for v in NAMES}
-    res = pipe(vol, variables, {"calcified_mid": 50.0}, centerline=line, allow_extrapolation=True)
+    case = load_case(vol, line, **pipe.geometry)
+    res = pipe(case.image, variables, {"calcified_mid": 50.0}, allow_extrapolation=True)
     # the tiny untrained DSCM barely changes the image: its own write-back stays as small as its change
-    plain = nib.load(pipe.save(res, tmp_path, "plain", write_volume=True)["volume"])
+    plain = nib.load(save_result(res, tmp_path, "plain", volume=case.volume)["volume"])
     assert plain.shape == (48, 48, 120) and np.allclose(plain.affine, vol.affine.numpy())
-    assert np.abs(plain.get_fdata() - vol[0].numpy()).max() <= np.abs(res["difference"].numpy()).max() + 1e-3
+    assert np.abs(plain.get_fdata() - vol[0].numpy()).max() <= np.abs(res.difference.numpy()).max() + 1e-3
     # an edited counterfactual (+200 HU on the rows 14-17, i.e. within 1 mm of the line) lands around the line
-    edited = dict(res)
-    cf = res["counterfactual"].clone()
+    cf = res.counterfactual.clone()
     cf[:, 14:18, :] += 200.0
-    edited["counterfactual"] = cf
-    nii = nib.load(pipe.save(edited, tmp_path, "ct", write_volume=True)["volume"])
+    edited = dataclasses.replace(res, counterfactual=cf)
+    nii = nib.load(save_result(edited, tmp_path, "ct", volume=case.volume)["volume"])
     change = nii.get_fdata() - vol[0].numpy()
     x, y = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
     dist_mm = np.hypot(x - 23.5, y - 23.5) * 0.5
     near = dist_mm[..., None].repeat(120, -1) <= 0.5
     assert change[near].mean() > 100.0  # the band arrived where the sCPR sampled it
-    assert np.abs(change[dist_mm > 2.0 + 0.75]).max() <= np.abs(res["difference"].numpy()).max() + 1e-3
+    assert np.abs(change[dist_mm > 2.0 + 0.75]).max() <= np.abs(res.difference.numpy()).max() + 1e-3
 
 
 def test_write_volume_needs_a_volume(pipe, tmp_path):
     scpr = MetaTensor(torch.full((1, 32, 192), 100.0), affine=torch.diag(torch.tensor([0.5, 0.5, 1, 1],
                                                                                     dtype=torch.float64)))
     res = pipe(scpr, {v: 10.0 for v in NAMES}, {"calcified_mid": 12.0})
-    with pytest.raises(ValueError, match="write_volume needs a result of a 3D CCTA volume"):
-        pipe.save(res, tmp_path, "s", write_volume=True)
-    assert "volume" not in pipe.save(res, tmp_path, "s")
+    vol, _ = _case()
+    with pytest.raises(ValueError, match="a volume can only be written for a result of a 3D CCTA volume"):
+        save_result(res, tmp_path, "s", volume=vol)
+    assert "volume" not in save_result(res, tmp_path, "s")

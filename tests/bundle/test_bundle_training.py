@@ -24,12 +24,9 @@ from monai_cft.utils.bundle import (
 )
 from monai_cft.utils.checkpoint import load_checkpoint
 
-from helpers import VARIABLES, make_scpr_dataset
+from helpers import COMMON, CONFIGS, ROOT, VARIABLES, make_scpr_dataset
 
-ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle"
-CONFIGS = BUNDLE / "configs"
-COMMON = str(CONFIGS / "common.json")
 
 
 @pytest.fixture(scope="module")

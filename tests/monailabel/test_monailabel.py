@@ -154,8 +154,7 @@ def _train_tiny_models(root: Path) -> dict:
     from monai_cft.networks.predictors import ParentRegressor
     from monai_cft.utils.bundle import run_bundle
     from monai_cft.utils.checkpoint import save_checkpoint
-    from test_bundle_training import COMMON, CONFIGS, make_scpr_dataset
-    from test_inference import _meta
+    from helpers import COMMON, CONFIGS, make_scpr_dataset, model_meta as _meta
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -211,7 +211,8 @@ def test_presets_and_checkpoint_compatibility():
         build_hvae("huge", 2, (32, 192), 9)
     with pytest.raises(ValueError, match="unknown HierarchicalVAE arguments"):
         build_hvae("quick", 2, (32, 192), 9, width=3)
-    assert build_hvae("quick", 2, (32, 192), 9, z_dim=4).config["overrides"] == ["z_dim"]
+    net = build_hvae("quick", 2, (32, 192), 9, z_dim=4)
+    assert net.preset_overrides == ["z_dim"] and "overrides" not in net.config  # provenance is not an argument
 
 
 def test_quick_preset_3d_builds():
@@ -221,11 +222,14 @@ def test_quick_preset_3d_builds():
 
 
 def test_from_config_round_trips_a_preset_network_with_overrides():
-    """A bundle-trained DSCM's HVAE config carries ``overrides`` (provenance): from_config rebuilds it."""
+    """A bundle-trained DSCM's HVAE config holds constructor arguments only: from_config rebuilds it; the
+    ``overrides`` key of checkpoints written by earlier versions is skipped."""
     net = build_hvae("quick", 2, (32, 192), 9, widths=(8, 16, 16, 16), blocks_per_level=1, z_max_res=24)
-    assert net.config["overrides"] == ["blocks_per_level", "widths", "z_max_res"]
+    assert net.preset_overrides == ["blocks_per_level", "widths", "z_max_res"]
     again = HierarchicalVAE.from_config(net.config)
     again.load_state_dict(net.state_dict())
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    legacy = HierarchicalVAE.from_config({**net.config, "overrides": ["widths"]})
+    assert legacy.config == net.config
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
         HierarchicalVAE.from_config({**net.config, "colour": 1})

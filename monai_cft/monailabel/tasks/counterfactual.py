@@ -110,18 +110,19 @@ class CounterfactualTask(CFTInferTask):
                        allow_extrapolation=data["allow_extrapolation"])
         except ValueError as err:  # unknown variable, target out of range, factual values out of range
             raise RequestError(str(err)) from None
-        maps = {k: out[k][0].detach().cpu().numpy().astype(np.float32) for k in OUTPUT_MAPS if k in out}
-        intervened = list(out["intervention"])
+        maps = {k: getattr(out, k)[0].detach().cpu().numpy().astype(np.float32)
+                for k in OUTPUT_MAPS if getattr(out, k) is not None}
+        intervened = list(out.intervention)
         result = {
             "mode": data["mode"],
             "particles": data["particles"],
             "seed": data["seed"],
-            "intervention": out["intervention"],
+            "intervention": out.intervention,
             "variables": {
-                k: {"factual": out["measured_factual"][k], "intended": out["intended"][k], "measured": out["measured"][k]}
+                k: {"factual": out.measured_factual[k], "intended": out.intended[k], "measured": out.measured[k]}
                 for k in pipe.variables
             },
-            "change": {k: out["measured"][k] - out["measured_factual"][k] for k in intervened},
+            "change": {k: out.measured[k] - out.measured_factual[k] for k in intervened},
             "maps": [k for k in OUTPUT_MAPS if k in maps],
             "difference_max_abs_hu": float(np.abs(maps["difference"]).max()),
             "units": {"variables": "mm^2", "image": "HU"},
