@@ -119,23 +119,27 @@ class CounterfactualEvaluation:
         self.curve_cases = int(curve_cases)
         self.device = torch.device(device)
 
+    @staticmethod
+    def _optional_input(path: Path | None, what: str, make: str) -> bool:
+        """Whether the optional input ``path`` is there; say once how to make it when it was asked for but is not."""
+        if path is None:
+            return False
+        if not path.is_file():
+            print(f"warning: no {what} {path}, evaluating without it (make it with `{make}`)")
+            return False
+        return True
+
     def _ground_truth(self, case_ids: Sequence[str], names: Sequence[str]) -> dict | None:
-        if self.ground_truth_path is None:
-            return None
-        if not self.ground_truth_path.is_file():
-            print(f"warning: no ground truth {self.ground_truth_path}, evaluating without it (make it with "
-                  f"`python -m monai_cft.data.ground_truth --raw RAW --scpr {self.dataset_dir} --split {self.split} "
-                  f"--seed {self.seed}`)")
+        make = (f"python -m monai_cft.data.ground_truth --raw RAW --scpr {self.dataset_dir} --split {self.split} "
+                f"--seed {self.seed}")
+        if not self._optional_input(self.ground_truth_path, "ground truth", make):
             return None
         return load_ground_truth(self.ground_truth_path, case_ids, names)
 
     def _calcium_threshold(self) -> float | None:
-        if self.measurements_path is None:
-            return None
-        if not self.measurements_path.is_file():
-            print(f"warning: no measurement report {self.measurements_path}, evaluating without the calcium "
-                  f"threshold (make it with `python -m monai_cft.segmentor_evaluation --dataset-dir {self.dataset_dir} "
-                  f"--ckpt-dir {self.segmentor_checkpoint.parent} --out {self.measurements_path}`)")
+        make = (f"python -m monai_cft.segmentor_evaluation --dataset-dir {self.dataset_dir} "
+                f"--ckpt-dir {self.segmentor_checkpoint.parent} --out {self.measurements_path}")
+        if not self._optional_input(self.measurements_path, "measurement report (the calcium threshold)", make):
             return None
         report = json.loads(self.measurements_path.read_text())
         try:

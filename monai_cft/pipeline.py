@@ -167,42 +167,21 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
             wave=1,
             after=("generate",),
         ),
-        Stage(
-            "dscm",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train.json"], nproc, **common, **ep("dscm")),
-            requires_module="monai_cft.engines.dscm_trainer",
-            description="deep SCM: attribute flows + hierarchical VAE",
-            wave=2,
-            after=("prepare",),
-        ),
-        Stage(
-            "segmentor_guidance",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"], nproc,
-                        segmentor_role="guidance", **common, **ep("segmentor")),
-            requires_module="monai_cft.networks.predictors",
-            description="guidance segmentor (UNet)",
-            wave=2,
-            after=("prepare",),
-        ),
-        Stage(
-            "regressor",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_regressor.json"], nproc, **common,
-                        **ep("regressor")),
-            requires_module="monai_cft.networks.predictors",
-            description="parent regressor (ResNet)",
-            wave=2,
-            after=("prepare",),
-        ),
-        Stage(
-            "segmentor_eval",
-            _bundle_cmd(py, bundle, "training", ["common.json", "train_segmentor.json"], nproc,
-                        segmentor_role="eval", **common, **ep("segmentor_eval")),
-            requires_module="monai_cft.networks.predictors",
-            description="evaluation segmentor (SegResNet, other seed)",
-            wave=2,
-            after=("prepare",),
-        ),
     ]
+    # the four trainings that only need the prepared data: (stage, config, epochs kind, module, description, extra)
+    for name, config, kind, module, description, extra in (
+        ("dscm", "train.json", "dscm", "monai_cft.engines.dscm_trainer",
+         "deep SCM: attribute flows + hierarchical VAE", {}),
+        ("segmentor_guidance", "train_segmentor.json", "segmentor", "monai_cft.networks.predictors",
+         "guidance segmentor (UNet)", {"segmentor_role": "guidance"}),
+        ("regressor", "train_regressor.json", "regressor", "monai_cft.networks.predictors",
+         "parent regressor (ResNet)", {}),
+        ("segmentor_eval", "train_segmentor.json", "segmentor_eval", "monai_cft.networks.predictors",
+         "evaluation segmentor (SegResNet, other seed)", {"segmentor_role": "eval"}),
+    ):
+        stages.append(Stage(name, _bundle_cmd(py, bundle, "training", ["common.json", config], nproc, **extra,
+                                              **common, **ep(kind)),
+                            requires_module=module, description=description, wave=2, after=("prepare",)))
     for mode in CFT_MODES:
         stages.append(
             Stage(

@@ -13,8 +13,7 @@ one module does not pull in the others' dependencies.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from monai_cft.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "atomic_path": "io",
@@ -46,11 +45,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

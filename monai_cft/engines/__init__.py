@@ -12,8 +12,7 @@ Names are imported lazily (``from monai_cft.engines import DSCMTrainer`` loads o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from monai_cft.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "ModelEMA": "common",
@@ -34,8 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'monai_cft.engines' has no attribute {name!r}")
-    module = importlib.import_module(f"monai_cft.engines.{_EXPORTS[name]}")
-    return getattr(module, name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -113,15 +113,19 @@ def _tolerance(t: torch.Tensor) -> float:
     return max(_SOFT_TOL, 10.0 * float(torch.finfo(t.dtype).eps)) if t.is_floating_point() else _SOFT_TOL
 
 
-def _check_soft(probs: torch.Tensor) -> None:
-    """(B, C, *sp) probabilities: finite, in [0, 1], summing to 1 over the channels (within tolerance)."""
-    x = probs.detach()
+def _finite_bounds(x: torch.Tensor, what: str) -> tuple[float, float, float]:
+    """``(min, max, tolerance)`` of ``x`` after checking it holds no NaN / inf (``what`` names it in the error)."""
     if x.is_floating_point():
         finite = torch.isfinite(x)
         if not bool(finite.all()):
-            raise ValueError(f"soft label has {int((~finite).sum())} non-finite (NaN / inf) value(s).")
-    tol = _tolerance(x)
-    lo, hi = float(x.min()), float(x.max())
+            raise ValueError(f"{what} {int((~finite).sum())} non-finite (NaN / inf) value(s).")
+    return float(x.min()), float(x.max()), _tolerance(x)
+
+
+def _check_soft(probs: torch.Tensor) -> None:
+    """(B, C, *sp) probabilities: finite, in [0, 1], summing to 1 over the channels (within tolerance)."""
+    x = probs.detach()
+    lo, hi, tol = _finite_bounds(x, "soft label has")
     if lo < -tol or hi > 1.0 + tol:
         raise ValueError(
             f"soft label values must be probabilities in [0, 1], got min {lo:.6g} and max {hi:.6g}"
@@ -141,12 +145,7 @@ def _check_masks(masks: torch.Tensor, k_dim: int) -> None:
     x = masks.detach()
     if x.dtype == torch.bool:
         x = x.to(torch.uint8)
-    if x.is_floating_point():
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            raise ValueError(f"region masks have {int((~finite).sum())} non-finite (NaN / inf) value(s).")
-    tol = _tolerance(x)
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi, tol = _finite_bounds(x, "region masks have")
     if lo < -tol or hi > 1.0 + tol:
         raise ValueError(f"region mask values must lie in [0, 1], got min {lo:.6g} and max {hi:.6g}.")
     total = float(x.double().sum(k_dim).max())

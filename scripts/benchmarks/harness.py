@@ -52,6 +52,20 @@ def machine_description() -> str:
             f"{', '.join(versions)}; OMP_WAIT_POLICY {omp}")
 
 
+def run_section(measure: Callable[[argparse.Namespace], list], render: Callable[..., str],
+                args: argparse.Namespace) -> str:
+    """Measure the rows of a section and render its markdown with the machine and the final load average."""
+    machine = machine_description()
+    rows = measure(args)
+    return render(rows, args, f"{machine}; load average at the end {load_average()}")
+
+
+def table_rows(rows: Sequence[dict[str, Any]], cells: Callable[[dict], list], note_cells: Callable[[dict], list]) -> list[list]:
+    """Markdown table cells of measurement rows: ``note_cells(r)`` for a row with a ``"note"`` (a setting
+    that was not measured, and why), ``cells(r)`` for the others."""
+    return [note_cells(r) if r.get("note") else cells(r) for r in rows]
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, e.g. ``"3.1, 2.8, 3.2"``."""
     return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"

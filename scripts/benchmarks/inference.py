@@ -8,7 +8,7 @@ from typing import Any
 
 from .harness import (
     NO_GPU, TimeBudget, _device_settings, _settings_label, _threads_or_null, build_benchmark_dscm, command_line,
-    cuda_available, fmt, load_average, machine_description, markdown_table, median, preset_geometry,
+    cuda_available, fmt, machine_description, markdown_table, median, preset_geometry, run_section, table_rows,
     random_batch, thread_scaling_note, time_calls, variables_and_ranges,
 )
 
@@ -85,20 +85,16 @@ def inference_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def bench_inference(args: argparse.Namespace) -> str:
     """Counterfactual inference latency per image (``DeepSCM.counterfactual``)."""
-    machine = machine_description()
-    rows = inference_measurements(args)
-    return inference_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+    return run_section(inference_measurements, inference_markdown, args)
 
 
 def inference_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str = "") -> str:
     """The ``inference`` section's markdown for the rows of :func:`inference_measurements`."""
-    table = []
-    for r in rows:
-        if r.get("note"):
-            table.append([r["preset"], r["setting"], r.get("batch", ""), r.get("particles", ""), r["note"], "", ""])
-            continue
-        table.append([r["preset"], r["setting"], r["batch"], r["particles"], fmt(r["ms_per_image"], 1),
-                      fmt(1000.0 * r["seconds"], 1), r["repeats"]])
+    table = table_rows(
+        rows,
+        lambda r: [r["preset"], r["setting"], r["batch"], r["particles"], fmt(r["ms_per_image"], 1),
+                   fmt(1000.0 * r["seconds"], 1), r["repeats"]],
+        lambda r: [r["preset"], r["setting"], r.get("batch", ""), r.get("particles", ""), r["note"], "", ""])
     header = ["preset", "device", "batch", "particles", "ms / image", "ms / call (median)", "timed calls"]
     return (
         f"`{command_line(args, 'inference')}` on {machine or machine_description()}.\n\n"

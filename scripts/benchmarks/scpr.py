@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .harness import NO_GPU, command_line, cuda_available, fmt, load_average, machine_description, markdown_table
+from .harness import (NO_GPU, command_line, cuda_available, fmt, load_average, machine_description, markdown_table,
+                      run_section)
 
 #: the targets of issue 11 (CPU, clinical size, per sCPR): (out_dims, state) -> minimum ratio.
 TARGETS = {(2, "idle"): 5.0, (3, "idle"): 3.0, (2, "other core busy"): 2.0, (3, "other core busy"): 2.0}
@@ -385,9 +386,7 @@ def scpr_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine:
 
 def bench_scpr(args: argparse.Namespace) -> str:
     """sCPR straightening against the SciPy reference in two machine states, and the inverse."""
-    machine = machine_description()
-    rows = scpr_measurements(args)
-    return scpr_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+    return run_section(scpr_measurements, scpr_markdown, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from .harness import (
     NO_GPU, PeakMemory, TimeBudget, _device_settings, _per_iteration_times, _settings_label, _threads_or_null,
     build_benchmark_dscm, command_line, count_parameters, cuda_available, estimate_from_other_setting, fmt,
-    load_average, machine_description, markdown_table, median, preset_geometry, random_batch,
+    machine_description, markdown_table, median, preset_geometry, random_batch, run_section, table_rows,
     thread_scaling_note, variables_and_ranges,
 )
 
@@ -134,22 +134,17 @@ def training_measurements(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def bench_training(args: argparse.Namespace) -> str:
     """Training throughput (images/s) and peak memory of the DSCM and of the three CFT modes."""
-    machine = machine_description()
-    rows = training_measurements(args)
-    return training_markdown(rows, args, f"{machine}; load average at the end {load_average()}")
+    return run_section(training_measurements, training_markdown, args)
 
 
 def training_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str = "") -> str:
     """The ``training`` section's markdown for the rows of :func:`training_measurements`."""
-    table = []
-    for r in rows:
-        if r.get("note"):
-            table.append([r["model"], r["preset"], r["batch"], r["setting"], r["note"], "", "", "", ""])
-            continue
-        table.append([r["model"], r["preset"], r["batch"], r["setting"], fmt(r["images_per_s"]),
-                      f"{1000.0 * r['seconds']:.0f}", f"{r['iterations']}", fmt(r["peak_mib"], 0),
-                      f"{r['trainable'] / 1e6:.3f} M"
-                      + (f" (+{r['frozen'] / 1e6:.3f} M frozen)" if r["frozen"] else "")])
+    table = table_rows(
+        rows,
+        lambda r: [r["model"], r["preset"], r["batch"], r["setting"], fmt(r["images_per_s"]),
+                   f"{1000.0 * r['seconds']:.0f}", f"{r['iterations']}", fmt(r["peak_mib"], 0),
+                   f"{r['trainable'] / 1e6:.3f} M" + (f" (+{r['frozen'] / 1e6:.3f} M frozen)" if r["frozen"] else "")],
+        lambda r: [r["model"], r["preset"], r["batch"], r["setting"], r["note"], "", "", "", ""])
     header = ["model", "preset", "batch", "device", "images/s", "ms / iteration (median)", "timed iterations",
               "peak memory (MiB)", "parameters trained"]
     method = next((r["memory"] for r in rows if r.get("memory") and "CUDA" not in r["setting"]), "")
