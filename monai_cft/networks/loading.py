@@ -1,8 +1,11 @@
 """Rebuild the bundle's predictor networks (segmentors, parent regressor) from their checkpoints.
 
 A checkpoint written by the bundle (:mod:`monai_cft.utils.checkpoint`) holds a plain ``state_dict``
-and a ``meta`` dict with everything needed to rebuild the network (architecture, sizes, role), so
-no code or pickled objects travel with the weights.
+and a ``meta`` dict with everything needed to rebuild the network: ``meta["network_config"]``, the
+network's full constructor config (``network_config`` of :func:`~monai_cft.networks.predictors.build_segmentor`
+and :class:`~monai_cft.networks.predictors.ParentRegressor`), plus its role and sizes; no code or
+pickled objects travel with the weights. Checkpoints without ``network_config`` (earlier versions)
+are rebuilt from ``spatial_dims``, ``arch``, ``in_channels`` and ``out_channels`` / ``num_outputs``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def load_segmentor(path: str | os.PathLike, expect: Mapping[str, Any] | None = N
     """
 
     def build(meta):
+        if "network_config" in meta:  # every constructor argument (checkpoints of this version)
+            return build_segmentor(**meta["network_config"])
         return build_segmentor(
             spatial_dims=int(meta["spatial_dims"]),
             arch=meta["arch"],
@@ -54,6 +59,8 @@ def load_regressor(path: str | os.PathLike, expect: Mapping[str, Any] | None = N
     """Rebuild the parent regressor saved by the bundle (``train_regressor.json``), in eval mode."""
 
     def build(meta):
+        if "network_config" in meta:
+            return ParentRegressor(**meta["network_config"])
         return ParentRegressor(
             spatial_dims=int(meta["spatial_dims"]),
             in_channels=int(meta.get("in_channels", 1)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,10 @@ def build_segmentor(
         img_size: optional image size, checked for divisibility by the network's total stride.
         kwargs: further arguments of the MONAI network (e.g. ``strides``, ``norm``, ``dropout``).
 
+    The returned network's ``network_config`` holds these arguments (JSON-able), so a checkpoint
+    that stores it (``meta["network_config"]``) is rebuilt exactly by
+    :func:`monai_cft.networks.loading.load_segmentor`.
+
     Raises:
         ValueError: unknown ``arch``, bad ``spatial_dims`` or an ``img_size`` the network cannot take.
     """
@@ -83,7 +88,14 @@ def build_segmentor(
                 f"img_size {tuple(img_size)} does not fit a {spatial_dims}D {arch}: every one of the "
                 f"{spatial_dims} sizes must be divisible by {divisor}."
             )
+    net.network_config = _jsonable({"spatial_dims": spatial_dims, "arch": arch, "in_channels": in_channels,
+                                    "out_channels": out_channels, "channels": channels, "img_size": img_size, **kwargs})
     return net
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, so that a constructor config survives a JSON / checkpoint-meta round trip."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 class ParentRegressor(nn.Module):
@@ -126,6 +138,11 @@ class ParentRegressor(nn.Module):
         self.in_channels = in_channels
         self.num_outputs = num_outputs
         self.logvar_range = (float(logvar_range[0]), float(logvar_range[1]))
+        #: every constructor argument (JSON-able): ``ParentRegressor(**network_config)`` rebuilds it
+        self.network_config = _jsonable({
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "num_outputs": num_outputs, "layers": layers,
+            "block_inplanes": block_inplanes, "block": block, "conv1_t_size": conv1_t_size,
+            "conv1_t_stride": conv1_t_stride, "logvar_range": logvar_range})
         self.trunk = ResNet(
             block=block,
             layers=list(layers),

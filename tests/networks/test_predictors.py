@@ -60,3 +60,32 @@ def test_regressor_output_is_the_gaussian_nll_input():
     assert GaussianNLLLoss()(exact, target).item() == pytest.approx(0.5 * (-4.0 + math.log(2 * math.pi)))
     with pytest.raises(ValueError, match="2V"):
         ParentRegressor.split(pred[:, :5])
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: build_segmentor(2, "unet", 1, 4, channels=(4, 8, 16, 16), img_size=(32, 192)), id="unet-custom"),
+        pytest.param(lambda: build_segmentor(2, "segresnet", 1, 4, channels=(16,)), id="segresnet-custom"),
+        pytest.param(lambda: ParentRegressor(2, 1, 9, block_inplanes=(4, 8, 8, 8), logvar_range=(-5.0, 3.0)), id="regressor"),
+    ],
+)
+def test_checkpoints_rebuild_the_network_from_its_constructor_config(build, tmp_path):
+    """The loaders rebuild a predictor from ``meta["network_config"]`` (non-default widths included)."""
+    from monai_cft.networks.loading import load_regressor, load_segmentor
+    from monai_cft.utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = build()
+    kind = "regressor" if isinstance(net, ParentRegressor) else "segmentor"
+    meta = {"kind": kind, "network_config": net.network_config, "spatial_dims": 2, "arch": "unet",
+            "out_channels": 4, "num_outputs": 9}
+    save_checkpoint(tmp_path / "net.pt", net, meta)
+    again = (load_regressor if kind == "regressor" else load_segmentor)(tmp_path / "net.pt")
+    assert type(again) is type(net)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+    # without the constructor config (checkpoints of earlier versions) only the default widths fit
+    del meta["network_config"]
+    save_checkpoint(tmp_path / "old.pt", net, meta)
+    with pytest.raises(Exception, match="size mismatch|does not fit|Error"):
+        (load_regressor if kind == "regressor" else load_segmentor)(tmp_path / "old.pt")
