@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from monai_cft.constants import HU_WINDOW, check_cft_mode
-from monai_cft.engines.common import as_plain_tensor
+from monai_cft.utils.tensors import as_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.utils.checks import check_count

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_cft.engines.common import as_plain_tensor
+from monai_cft.utils.tensors import as_plain_tensor
 from monai_cft.utils.io import check_file_name, save_json, save_nifti
 
 __all__ = ["save_result", "describe_result"]

@@ -216,13 +216,17 @@ def test_a_stage_starts_when_its_own_inputs_are_done(tmp_path, fast_poll):
     """With explicit dependencies a later-wave stage does not wait for an unrelated slow stage."""
     log = tmp_path / "order.txt"
 
-    def step(name, seconds):
-        code = (f"import time, pathlib; p = pathlib.Path({str(log)!r}); p.open('a').write('start {name}\\n'); "
-                f"time.sleep({seconds}); p.open('a').write('end {name}\\n')")
+    def step(name, seconds, until=None):
+        # ``until``: stay running until that line is in the log (at most 60 s), so that the order does not
+        # depend on how fast a loaded machine starts the other processes
+        wait = (f"t0 = time.time()\nwhile {until!r} not in p.read_text() and time.time() - t0 < 60: time.sleep(0.05)\n"
+                if until else "")
+        code = (f"import time, pathlib\np = pathlib.Path({str(log)!r})\np.open('a').write('start {name}\\n')\n"
+                f"time.sleep({seconds})\n{wait}p.open('a').write('end {name}\\n')")
         return [sys.executable, "-c", code]
 
     stages = [
-        Stage("slow", step("slow", 3.0), wave=0),
+        Stage("slow", step("slow", 0.5, until="end dependant"), wave=0),
         Stage("fast", step("fast", 0.1), wave=0),
         Stage("dependant", step("dependant", 0.1), wave=1, after=("fast",)),
         Stage("last", step("last", 0.1), wave=2),  # no `after`: every earlier wave

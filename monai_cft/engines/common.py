@@ -7,7 +7,6 @@
 - :func:`linear_warmup`: linear learning-rate warm-up (``LambdaLR``), stepped once per iteration.
 - :func:`autocast`: bfloat16 autocast on CUDA, a no-op elsewhere.
 - :class:`PrepareBatchKeys`: ``prepare_batch`` for MONAI trainers/evaluators reading arbitrary keys.
-- :func:`as_plain_tensor`: drop ``MetaTensor`` metadata before a network's inner loop.
 
 AMP policy. Mixed precision uses ``torch.bfloat16`` autocast on CUDA only. bfloat16 has float32's
 exponent range, so no ``GradScaler`` is needed (and none is created). On the CPU autocast stays
@@ -29,6 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from monai_cft.utils.tensors import as_plain_tensor
 from monai_cft.utils.checks import check_count
 from monai_cft.utils.distributed import sync_gradients
 
@@ -39,7 +39,6 @@ __all__ = [
     "linear_warmup",
     "autocast",
     "PrepareBatchKeys",
-    "as_plain_tensor",
     "lower_is_better",
     "check_count",
 ]
@@ -192,11 +191,6 @@ def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.Abs
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def as_plain_tensor(x: Any) -> Any:
-    """Return ``x`` as a plain ``torch.Tensor`` (a ``MetaTensor``'s metadata is dropped; others unchanged)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 class PrepareBatchKeys(PrepareBatch):

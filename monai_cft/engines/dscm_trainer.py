@@ -39,7 +39,6 @@ from torch.optim.swa_utils import AveragedModel
 from monai_cft.constants import HU_WINDOW
 from monai_cft.engines.common import (
     ModelEMA,
-    as_plain_tensor,
     autocast,
     check_count,
     linear_warmup,
@@ -47,6 +46,7 @@ from monai_cft.engines.common import (
     step_or_skip,
 )
 from monai_cft.transforms.intensity import HUWindow
+from monai_cft.utils.tensors import as_plain_tensor
 from monai_cft.utils.distributed import all_ranks, broadcast_parameters
 
 __all__ = ["DSCMTrainer", "DSCMEvaluator", "SampleMean", "dscm_optimizers", "SCHEDULES"]

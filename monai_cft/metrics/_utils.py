@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
+from monai_cft.utils.tensors import as_plain_tensor
 
 __all__ = ["module_device", "check_positive_int", "plain"]
 
@@ -25,6 +25,4 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
-def plain(t: Any) -> Any:
-    """A ``MetaTensor`` as a plain ``torch.Tensor`` (metrics carry no geometry); anything else unchanged."""
-    return t.as_tensor() if isinstance(t, MetaTensor) else t
+plain = as_plain_tensor  # metrics carry no geometry
