@@ -6,7 +6,7 @@ the variable order live beside it in :mod:`monai_cft.variables`.
 
 from __future__ import annotations
 
-__all__ = ["HU_WINDOW", "CFT_MODES", "MODE_LABELS", "check_cft_mode"]
+__all__ = ["HU_WINDOW", "CFT_MODES", "MODE_LABELS", "check_cft_mode", "area_unit"]
 
 #: HU range clipped and mapped linearly to [-1, 1] for the networks
 #: (:class:`monai_cft.transforms.intensity.HUWindow`).
@@ -25,3 +25,8 @@ def check_cft_mode(mode: str) -> str:
     if mode not in CFT_MODES:
         raise ValueError(f"unknown cft_mode {mode!r}; expected one of {list(CFT_MODES)}.")
     return mode
+
+
+def area_unit(spatial_dims: int) -> str:
+    """The unit of the structure variables of ``spatial_dims``-D images: areas (mm²) in 2D, volumes (mm³) in 3D."""
+    return "mm²" if int(spatial_dims) == 2 else "mm³"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_cft.constants import HU_WINDOW
+from monai_cft.constants import HU_WINDOW, area_unit
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.metrics.summary import case_statistics
@@ -319,7 +319,7 @@ def evaluate_counterfactuals(
         "variables": list(names),
         "structures": struct_names,
         "regions": list(regions),
-        "area_unit": "mm²" if images.ndim == 4 else "mm³",
+        "area_unit": area_unit(images.ndim - 2),
         "factual_segmentor_error": {nm: case_statistics(fe[:, j].tolist()) for j, nm in enumerate(names)},
         "composition": {str(cyc): case_statistics(vals) for cyc, vals in comp.items()},
         "reversibility": case_statistics(rev),

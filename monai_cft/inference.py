@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from monai_cft.constants import HU_WINDOW, check_cft_mode
-from monai_cft.utils.tensors import as_plain_tensor
+from monai_cft.utils.tensors import to_plain_tensor
 from monai_cft.metrics.effectiveness import measure_with_segmentor
 from monai_cft.transforms.intensity import HUWindow
 from monai_cft.utils.checks import check_count
@@ -119,17 +119,12 @@ def parse_intervention(
     return targets
 
 
-def _as_plain(x: Any) -> torch.Tensor:
-    """A plain tensor (``MetaTensor`` metadata dropped; arrays converted)."""
-    return torch.as_tensor(as_plain_tensor(x))
-
-
 @dataclass
 class CounterfactualResult:
     """The counterfactual of one case (:meth:`CounterfactualPipeline.__call__`).
 
-    Images are (1, *spatial) CPU tensors in HU, ``MetaTensor`` with the input's affine and meta when
-    the input was one; variables are dicts by name in the model's order, physical units (mm^2 for
+    Images are (1, *spatial) CPU ``MetaTensor`` in HU with the input's affine and meta (an identity
+    affine for a plain tensor input); variables are dicts by name in the model's order, physical units (mm^2 for
     2D models, mm^3 for 3D ones).
 
     Attributes:
@@ -216,7 +211,6 @@ class CounterfactualPipeline:
         self.spacing = float(spacing)
         self.region_transform = region_transform if region_transform is not None else RegionMasks()
         self.intensity = HUWindow(hu_window)
-        self.hu_window = self.intensity.window
         self.mode = mode
         if isinstance(noise_temperature, bool) or not isinstance(noise_temperature, (int, float)) or not (
                 math.isfinite(noise_temperature) and noise_temperature >= 0):
@@ -258,6 +252,11 @@ class CounterfactualPipeline:
                                      cft_mode=check_cft_mode(mode), **overrides)
 
     @property
+    def hu_window(self) -> tuple[float, float]:
+        """The HU window mapped to the networks' [-1, 1] (``self.intensity.window``)."""
+        return self.intensity.window
+
+    @property
     def geometry(self) -> dict[str, Any]:
         """``{"img_size", "spacing"}`` of the model's images: the keywords of
         :func:`monai_cft.inference_cases.load_case`."""
@@ -280,7 +279,7 @@ class CounterfactualPipeline:
                 f"got shape {tuple(img.shape)}."
             )
         img = img.float()
-        finite = torch.isfinite(_as_plain(img))
+        finite = torch.isfinite(to_plain_tensor(img))
         if not finite.all():
             bad = int((~finite).sum())
             raise ValueError(f"the image contains {bad} NaN or infinite value(s) of {finite.numel()}.")
@@ -346,9 +345,9 @@ class CounterfactualPipeline:
         """
         allow = self.allow_extrapolation if allow_extrapolation is None else bool(allow_extrapolation)
         img = self._check_image(image)
-        raw = _as_plain(img).to(self.device)
+        raw = to_plain_tensor(img).to(self.device)
         x = self.intensity(raw)[None]  # (1, 1, *spatial)
-        masks = _as_plain(self.region_transform(img)).float().to(self.device)
+        masks = to_plain_tensor(self.region_transform(img)).float().to(self.device)
         measured_factual = self.measure(x, masks)[0]
         factual = self._factual_values(variables, measured_factual)
         as_dict = lambda t: dict(zip(self.variables, (float(v) for v in t.flatten().tolist())))  # noqa: E731
@@ -385,11 +384,9 @@ class CounterfactualPipeline:
         )
 
     @staticmethod
-    def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    def _like(ref: Any, data: torch.Tensor) -> torch.Tensor:
+        """``data`` on the CPU as a ``MetaTensor`` with the affine and meta of ``ref`` (the checked input)."""
         from monai.data import MetaTensor
 
-        data = data.detach().cpu()
-        if isinstance(ref, MetaTensor):
-            meta = {k: v for k, v in ref.meta.items() if k != "affine"}
-            return MetaTensor(data, affine=ref.affine, meta=meta)
-        return data
+        meta = {k: v for k, v in ref.meta.items() if k != "affine"}
+        return MetaTensor(data.detach().cpu(), affine=ref.affine, meta=meta)

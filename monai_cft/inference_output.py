@@ -14,14 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_cft.utils.tensors import as_plain_tensor
+from monai_cft.constants import area_unit
+from monai_cft.utils.tensors import to_plain_tensor
 from monai_cft.utils.io import check_file_name, save_json, save_nifti
 
 __all__ = ["save_result", "describe_result"]
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return torch.as_tensor(as_plain_tensor(x))
 
 
 def _affine4(affine: Any, spatial_dims: int) -> torch.Tensor:
@@ -38,17 +35,13 @@ def _affine4(affine: Any, spatial_dims: int) -> torch.Tensor:
     return out
 
 
-def _unit(result: Any) -> str:
-    return "mm²" if result.image.ndim == 3 else "mm³"
-
-
 def describe_result(result: Any) -> str:
     """Two-line title: the intervention with its intended and measured values, then the other variables.
 
     Args:
         result: a :class:`~monai_cft.inference.CounterfactualResult`.
     """
-    unit = _unit(result)
+    unit = area_unit(result.image.ndim - 1)
     parts, others = [], []
     for k, target in result.intervention.items():
         parts.append(f"do({k} = {target:.1f} {unit}, factual {result.variables[k]:.1f}): "
@@ -99,11 +92,11 @@ def save_result(result: Any, output_dir: str | os.PathLike, name: str = "case",
     spatial_dims = cf.ndim - 1
     affine = _affine4(cf.affine if hasattr(cf, "affine") else torch.eye(spatial_dims + 1), spatial_dims)
     paths = {
-        "counterfactual": save_nifti(_plain(cf)[0].numpy(), affine, out / f"{name}_cf.nii.gz", np.float32),
-        "difference": save_nifti(_plain(diff)[0].numpy(), affine, out / f"{name}_diff.nii.gz", np.float32),
+        "counterfactual": save_nifti(to_plain_tensor(cf)[0].numpy(), affine, out / f"{name}_cf.nii.gz", np.float32),
+        "difference": save_nifti(to_plain_tensor(diff)[0].numpy(), affine, out / f"{name}_diff.nii.gz", np.float32),
     }
     paths["panel"] = plot_counterfactual_panel(
-        _plain(result.image), _plain(cf), out / f"{name}_panel.png", difference=_plain(diff),
+        to_plain_tensor(result.image), to_plain_tensor(cf), out / f"{name}_panel.png", difference=to_plain_tensor(diff),
         boundaries=region_boundaries(result.region_masks), title=describe_result(result),
         window=result.hu_window, spacing=result.spacing,
     )
@@ -121,6 +114,6 @@ def save_result(result: Any, output_dir: str | os.PathLike, name: str = "case",
         from monai_cft.transforms.unstraighten import UnstraightenCPR
 
         cf_vol = UnstraightenCPR(mode="bilinear")(volume.float(), result.counterfactual, result.image)
-        paths["volume"] = save_nifti(_plain(cf_vol)[0].numpy(), _affine4(volume.affine, 3),
+        paths["volume"] = save_nifti(to_plain_tensor(cf_vol)[0].numpy(), _affine4(volume.affine, 3),
                                      out / f"{name}_cf_volume.nii.gz", np.float32)
     return {k: str(v) for k, v in paths.items()}

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from monai_cft.utils.tensors import as_plain_tensor
+from monai_cft.utils.tensors import as_plain_tensor, to_plain_tensor
 from monai_cft.utils.checks import check_count
 from monai_cft.utils.distributed import sync_gradients
 
@@ -226,7 +226,7 @@ class PrepareBatchKeys(PrepareBatch):
         image = as_plain_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         if self.label_key is None:
             return image, None
-        label = torch.as_tensor(as_plain_tensor(batchdata[self.label_key]))
+        label = to_plain_tensor(batchdata[self.label_key])
         label = label.to(device=device, non_blocking=non_blocking, **kwargs)
         if self.dtype is not None:
             label = label.to(self.dtype)

@@ -46,7 +46,7 @@ from monai_cft.engines.common import (
     step_or_skip,
 )
 from monai_cft.transforms.intensity import HUWindow
-from monai_cft.utils.tensors import as_plain_tensor
+from monai_cft.utils.tensors import as_plain_tensor, to_plain_tensor
 from monai_cft.utils.distributed import all_ranks, broadcast_parameters
 
 __all__ = ["DSCMTrainer", "DSCMEvaluator", "SampleMean", "dscm_optimizers", "SCHEDULES"]
@@ -96,7 +96,7 @@ def _batch_inputs(
     if missing:
         raise KeyError(f"batch has no key(s) {missing}; available keys: {sorted(batchdata)}.")
     x = as_plain_tensor(batchdata[image_key]).to(device=device, non_blocking=non_blocking, **to_kwargs)
-    v = torch.as_tensor(as_plain_tensor(batchdata[parents_key]))
+    v = to_plain_tensor(batchdata[parents_key])
     v = v.to(device=device, non_blocking=non_blocking, dtype=torch.float32)
     if v.ndim != 2 or v.shape[0] != x.shape[0]:
         raise ValueError(f"{parents_key!r} must be (B, V) with B = {x.shape[0]}, got shape {tuple(v.shape)}.")
